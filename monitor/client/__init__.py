@@ -1,0 +1,5 @@
+"""Runs inside training processes; never imports monitor.daemon."""
+
+from monitor.client.reporter import Reporter
+
+__all__ = ["Reporter"]

@@ -1,0 +1,485 @@
+"""The client: a bounded queue that the training thread appends to, and a background sender.
+
+The training thread only appends a tuple to a deque (no I/O, no locks on the normal path, no
+exceptions). A sender thread turns queued records into batches, ships them to the daemon over
+gRPC, retries transient failures with jittered exponential backoff and resends a batch until the
+daemon acknowledges its sequence number. A heartbeat thread reports the last finished step and the
+reporter's own counters every second, so the daemon can tell a blocked rank from a gone one.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import os
+import random
+import re
+import threading
+import time
+import uuid
+import weakref
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from monitor.records import Record, TraceWriter, check_run_id, InvalidRecord
+
+log = logging.getLogger("trainguard.client")
+
+DEFAULT_ADDRESS = "127.0.0.1:9751"
+RETRYABLE_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
+_OFF = ("", "off", "none", "0")
+
+
+def _env_run() -> str | None:
+    return os.environ.get("TRAINGUARD_RUN") or os.environ.get("TORCHELASTIC_RUN_ID") or None
+
+
+def sanitize_run_id(run: str) -> str:
+    """Map any string onto the run-id alphabet (bad characters become '-', at most 128 characters)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._:/-]", "-", run)[:128]
+    return cleaned or "run"
+
+
+def generate_run_id() -> str:
+    """A fresh run id: the local time and a short random suffix."""
+    return time.strftime("run-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+@dataclass
+class ReporterStats:
+    """The reporter's own counters."""
+
+    queued: int
+    sent: int
+    dropped: int
+    rejected: int
+    retries: int
+    queue_depth: int
+    batches_sent: int
+    last_error: str | None
+
+
+class Reporter:
+    """Streams telemetry records to a trainguard daemon without ever blocking or raising into the caller.
+
+    Example:
+        rep = Reporter(run="my-run", rank=0)          # or TRAINGUARD_RUN / TRAINGUARD_ADDRESS
+        rep.log("train", step, {"loss": loss, "lr": lr})
+        rep.close()
+    """
+
+    def __init__(
+        self,
+        run: str | None = None,
+        rank: int | None = None,
+        address: str | None = None,
+        *,
+        record_path: str | None = None,
+        max_queue: int = 100_000,
+        batch_size: int = 1000,
+        flush_interval: float = 0.2,
+        heartbeat_interval: float = 1.0,
+        timeout: float = 10.0,
+        max_backoff: float = 5.0,
+        start: bool = True,
+    ):
+        run = run or _env_run() or generate_run_id()
+        try:
+            check_run_id(run)
+        except InvalidRecord:
+            fixed = sanitize_run_id(run)
+            log.warning("trainguard: run id %r is not valid; using %r", run, fixed)
+            run = fixed
+        self.run: str = run
+        if rank is None:
+            rank = int(os.environ.get("RANK", "0") or 0)
+        self.rank: int = rank
+        if address is None:
+            address = os.environ.get("TRAINGUARD_ADDRESS", DEFAULT_ADDRESS)
+        self.address: str | None = None if address.strip().lower() in _OFF else address.strip()
+        if record_path is None:
+            record_path = os.environ.get("TRAINGUARD_RECORD") or None
+        self.record_path = record_path
+        self.max_queue = max(1, int(max_queue))
+        self.batch_size = max(1, int(batch_size))
+        self.flush_interval = flush_interval
+        self.heartbeat_interval = heartbeat_interval
+        self.timeout = timeout
+        self.max_backoff = max_backoff
+        self._init_state()
+        _live.add(self)
+        self._register_fork_hook()
+        if start:
+            self.start()
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _init_state(self) -> None:
+        self.incarnation = uuid.uuid4().hex[:16]
+        self._q: collections.deque[tuple] = collections.deque()
+        self._backlog: collections.deque[Record] = collections.deque()
+        self._inflight: tuple[int, list[Record], bytes] | None = None
+        self._seq = 0
+        self._lock = threading.Lock()  # guards the rare-path counters only
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._sender: threading.Thread | None = None
+        self._heart: threading.Thread | None = None
+        self._channel: Any = None
+        self._call: Any = None
+        self._writer: TraceWriter | None = None
+        self._started = False
+        self._closed = False
+        self._restart_needed = False
+        self._last_step: int | None = None
+        self._taken = 0
+        self._sent = 0
+        self._dropped = 0
+        self._rejected = 0
+        self._retries = 0
+        self._batches = 0
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        self._last_error: str | None = None
+        self._warned_at = 0.0
+
+    def _register_fork_hook(self) -> None:
+        ref = weakref.ref(self)
+
+        def after_fork() -> None:
+            rep = ref()
+            if rep is not None:
+                rep._after_fork_in_child()
+
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=after_fork)
+
+    def _after_fork_in_child(self) -> None:
+        # The child inherits the parent's queue but not its threads. Those records belong to the
+        # parent, so the child starts empty with a new incarnation, and starts its own sender the
+        # first time it logs (DataLoader workers fork and never log: they cost nothing).
+        was_started = self._started and not self._closed
+        record_path = self.record_path
+        self._init_state()
+        if record_path:
+            root, ext = os.path.splitext(record_path)
+            if ext == ".gz":
+                root, ext2 = os.path.splitext(root)
+                ext = ext2 + ext
+            self.record_path = f"{root}.pid{os.getpid()}{ext}"
+        self._restart_needed = was_started
+
+    # -- public API ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the sender and heartbeat threads (done by the constructor unless start=False)."""
+        if self._started or self._closed:
+            return
+        self._started = True
+        if self.record_path:
+            try:
+                self._writer = TraceWriter(self.record_path)
+            except OSError as e:
+                log.warning("trainguard: cannot record to %s: %s", self.record_path, e)
+        self._sender = threading.Thread(target=self._sender_loop, name="trainguard-sender", daemon=True)
+        self._sender.start()
+        if self.heartbeat_interval and self.heartbeat_interval > 0:
+            self._heart = threading.Thread(target=self._heartbeat_loop, name="trainguard-heartbeat", daemon=True)
+            self._heart.start()
+
+    def log(self, kind: str, step: int | None = None, values: Mapping[str, Any] | None = None,
+            t: float | None = None, **fields: Any) -> None:
+        """Queue one record and return at once. Never blocks, never raises.
+
+        `values` may hold floats, ints, numpy scalars or 0-d tensors; they are converted on the
+        sender thread. `fields` carries the kind-specific fields (world_size, meta, suite, items, status).
+        """
+        try:
+            if self._restart_needed:
+                self._restart_needed = False
+                self.start()
+            q = self._q
+            if len(q) >= self.max_queue:
+                try:
+                    q.popleft()
+                except IndexError:
+                    pass
+                else:
+                    with self._lock:
+                        self._dropped += 1
+            q.append((kind, step, values, t or time.time(), fields))
+            if kind == "train":
+                self._last_step = step
+            if len(q) == self.batch_size:
+                self._wake.set()
+        except Exception:  # noqa: BLE001 - the training loop must never see our errors
+            pass
+
+    def run_started(self, world_size: int = 1, meta: Mapping[str, Any] | None = None) -> None:
+        """Announce the run (its world size and free-form metadata)."""
+        self.log("run", None, None, world_size=world_size, meta=dict(meta or {}))
+
+    def end(self, status: str = "completed", step: int | None = None) -> None:
+        """Report that this rank finished (completed, failed or stopped)."""
+        self.log("end", step if step is not None else self._last_step, None, status=status)
+
+    def stats(self) -> ReporterStats:
+        """A snapshot of the reporter's counters."""
+        depth = len(self._q) + len(self._backlog) + (len(self._inflight[1]) if self._inflight else 0)
+        return ReporterStats(
+            queued=self._taken + self._dropped + len(self._q), sent=self._sent, dropped=self._dropped,
+            rejected=self._rejected, retries=self._retries, queue_depth=depth, batches_sent=self._batches,
+            last_error=self._last_error,
+        )
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything queued so far was acknowledged (or recorded); False on timeout."""
+        if not self._started or self._closed:
+            return not self._pending()
+        deadline = time.monotonic() + timeout
+        while self._pending():
+            if not (self._sender and self._sender.is_alive()):
+                return False
+            self._idle.clear()
+            self._wake.set()
+            if time.monotonic() >= deadline:
+                return False
+            self._idle.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+        if self._writer:
+            try:
+                self._writer.flush()
+            except OSError:
+                pass
+        return True
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Flush (up to `timeout` seconds), stop the threads and release the connection."""
+        if self._closed:
+            return True
+        ok = self.flush(timeout) if self._started else True
+        self._closed = True
+        self._stop.set()
+        self._wake.set()
+        for th in (self._sender, self._heart):
+            if th and th.is_alive() and th is not threading.current_thread():
+                th.join(timeout=2.0)
+        if self._channel is not None:
+            try:
+                self._channel.close()
+            except Exception:  # noqa: BLE001
+                pass
+        if self._writer:
+            try:
+                self._writer.close()
+            except OSError:
+                pass
+        _live.discard(self)
+        return ok
+
+    def __enter__(self) -> "Reporter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- sender thread ---------------------------------------------------------------------------
+
+    def _pending(self) -> bool:
+        if self.address is None:
+            return bool(self._q)
+        return bool(self._q or self._backlog or self._inflight)
+
+    def _sender_loop(self) -> None:
+        while True:
+            try:
+                wait = self.flush_interval
+                if self._inflight is not None:
+                    wait = min(wait, max(0.0, self._retry_at - time.monotonic()))
+                self._wake.wait(wait)
+                self._wake.clear()
+                self._drain()
+                if self.address is not None:
+                    self._send_ready()
+                if not self._pending():
+                    self._idle.set()
+                if self._stop.is_set():
+                    return
+            except Exception as e:  # noqa: BLE001 - a bug here must not kill telemetry for good
+                self._last_error = f"sender: {e!r}"
+                self._warn(self._last_error)
+                time.sleep(0.1)
+
+    def _drain(self) -> None:
+        q = self._q
+        if not q:
+            return
+        recs: list[Record] = []
+        run, rank = self.run, self.rank
+        popleft = q.popleft
+        while True:
+            try:
+                kind, step, values, t, fields = popleft()
+            except IndexError:
+                break
+            rec = Record(kind, run, t, rank, step, dict(values) if values else {})
+            if fields:
+                for k, v in fields.items():
+                    if k in ("world_size", "meta", "suite", "items", "status"):
+                        setattr(rec, k, v)
+            recs.append(rec)
+        self._taken += len(recs)
+        if self._writer:
+            try:
+                self._writer.write(recs)
+            except (OSError, ValueError, TypeError) as e:
+                self._last_error = f"record file: {e}"
+        if self.address is None:
+            self._sent += len(recs)
+            return
+        backlog = self._backlog
+        backlog.extend(recs)
+        over = len(backlog) - self.max_queue
+        if over > 0:
+            for _ in range(over):
+                backlog.popleft()
+            with self._lock:
+                self._dropped += over
+
+    def _next_batch(self) -> tuple[int, list[Record], bytes] | None:
+        from monitor import wire
+
+        backlog = self._backlog
+        if not backlog:
+            return None
+        n = min(self.batch_size, len(backlog))
+        while True:
+            recs = [backlog[i] for i in range(n)]
+            req = wire.ReportRequest(run=self.run, rank=self.rank, incarnation=self.incarnation,
+                                     sequence=self._seq + 1, client=_CLIENT_NAME)
+            wire.encode_records(req, recs, self.rank)
+            payload = req.SerializeToString()
+            if len(payload) <= wire.MAX_BATCH_BYTES or n == 1:
+                break
+            n = max(1, n // 2)
+        for _ in range(n):
+            backlog.popleft()
+        if len(payload) > wire.MAX_BATCH_BYTES:
+            # One record alone is over the contract's limit: the daemon would refuse it.
+            with self._lock:
+                self._rejected += 1
+            self._warn(f"record of kind {recs[0].kind!r} is {len(payload)} bytes, over the 4 MiB limit; dropped")
+            return self._next_batch()
+        self._seq += 1
+        return (self._seq, recs, payload)
+
+    def _ensure_channel(self) -> None:
+        if self._call is not None:
+            return
+        import grpc
+
+        from monitor import wire
+
+        self._channel = grpc.insecure_channel(
+            self.address,
+            options=[
+                # Reconnect quickly after a daemon restart instead of grpc's default of up to 2 minutes.
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.min_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", int(self.max_backoff * 1000)),
+                ("grpc.max_send_message_length", 2 * wire.MAX_BATCH_BYTES),
+                ("grpc.enable_retries", 0),
+            ],
+        )
+        self._call = self._channel.unary_unary(wire.REPORT_METHOD)
+
+    def _send_ready(self) -> None:
+        import grpc
+
+        from monitor import wire
+
+        while True:
+            if self._inflight is None:
+                self._inflight = self._next_batch()
+                if self._inflight is None:
+                    return
+            if time.monotonic() < self._retry_at:
+                return
+            seq, recs, payload = self._inflight
+            self._ensure_channel()
+            try:
+                resp = wire.decode_response(self._call(payload, timeout=self.timeout))
+            except grpc.RpcError as e:
+                code = e.code() if hasattr(e, "code") else None
+                name = code.name if code is not None else "UNKNOWN"
+                self._last_error = f"{name}: {e.details() if hasattr(e, 'details') else e}"
+                if name in RETRYABLE_CODES:
+                    self._retries += 1
+                    self._backoff = min(self.max_backoff, max(0.1, self._backoff * 2))
+                    self._retry_at = time.monotonic() + self._backoff * random.uniform(0.5, 1.0)
+                    return
+                # The daemon refused the batch as a whole (a bug or a contract mismatch): retrying
+                # cannot help, so it is dropped and counted.
+                with self._lock:
+                    self._rejected += len(recs)
+                self._warn(f"daemon refused batch {seq}: {self._last_error}")
+                self._inflight = None
+                continue
+            self._backoff = 0.0
+            self._retry_at = 0.0
+            self._inflight = None
+            self._batches += 1
+            if resp.rejected:
+                with self._lock:
+                    self._rejected += resp.rejected
+                first = resp.rejections[0] if resp.rejections else None
+                if first is not None:
+                    self._warn(f"daemon rejected {resp.rejected} record(s); first: {first.field}: {first.reason}")
+            self._sent += len(recs) - resp.rejected
+
+    def _warn(self, msg: str) -> None:
+        now = time.monotonic()
+        if now - self._warned_at > 30.0:
+            self._warned_at = now
+            log.warning("trainguard: %s", msg)
+
+    # -- heartbeat thread ------------------------------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.heartbeat_interval):
+            try:
+                s = self.stats()
+                self.log("heartbeat", self._last_step, {
+                    "client_queued_total": s.queued,
+                    "client_sent_total": s.sent,
+                    "client_dropped_total": s.dropped,
+                    "client_rejected_total": s.rejected,
+                    "client_retries_total": s.retries,
+                    "client_queue_depth": s.queue_depth,
+                })
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def _client_name() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"trainguard-python/{version('trainguard')}"
+    except Exception:  # noqa: BLE001
+        return "trainguard-python"
+
+
+_CLIENT_NAME = _client_name()
+_live: "weakref.WeakSet[Reporter]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for rep in list(_live):
+        try:
+            rep.close(timeout=5.0)
+        except Exception:  # noqa: BLE001
+            pass

@@ -1,0 +1,1 @@
+"""The trainguard daemon. Never imports torch."""

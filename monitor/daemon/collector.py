@@ -1,0 +1,184 @@
+"""Prometheus metrics, built from a snapshot of the daemon's state at each scrape."""
+
+from __future__ import annotations
+
+import platform
+from typing import Any, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+
+from monitor import __version__
+
+# (metric, help, kind of record, value name) for run-level values, taken from the lowest rank reporting them.
+RUN_VALUES = (
+    ("trainguard_train_loss", "Latest training loss.", "train", "loss"),
+    ("trainguard_grad_norm", "Latest global gradient norm (before clipping).", "train", "grad_norm"),
+    ("trainguard_learning_rate", "Latest learning rate.", "train", "lr"),
+    ("trainguard_eval_loss", "Latest evaluation loss.", "eval", "loss"),
+)
+# (metric, help, kind, value name) for per-rank values.
+RANK_VALUES = (
+    ("trainguard_step_duration_seconds", "Wall time of the rank's latest step.", "train", "step_time_seconds"),
+    ("trainguard_compute_duration_seconds", "Forward and loss time of the rank's latest step, before collectives.",
+     "train", "compute_time_seconds"),
+    ("trainguard_data_wait_seconds", "Time the rank's latest step waited for its batch.", "train", "data_time_seconds"),
+    ("trainguard_host_memory_rss_bytes", "Resident memory of the rank's process.", "system", "host_rss_bytes"),
+    ("trainguard_gpu_memory_allocated_bytes", "GPU memory allocated by tensors.", "system",
+     "gpu_memory_allocated_bytes"),
+    ("trainguard_gpu_memory_reserved_bytes", "GPU memory reserved by the caching allocator.", "system",
+     "gpu_memory_reserved_bytes"),
+)
+# Client counters from heartbeats: (value name, metric, help, is_counter).
+CLIENT_VALUES = (
+    ("client_queued_total", "trainguard_client_queued_records_total", "Records the client queued.", True),
+    ("client_sent_total", "trainguard_client_sent_records_total", "Records the client delivered.", True),
+    ("client_dropped_total", "trainguard_client_dropped_records_total",
+     "Records the client dropped because its queue was full.", True),
+    ("client_rejected_total", "trainguard_client_rejected_records_total",
+     "Records the daemon refused from this client.", True),
+    ("client_retries_total", "trainguard_client_retries_total", "Send attempts the client retried.", True),
+    ("client_queue_depth", "trainguard_client_queue_depth", "Records waiting in the client's queue.", False),
+)
+_SEVERITY_RANK = {"info": 1, "warning": 2, "critical": 3}
+
+
+class DaemonCollector:
+    """A prometheus_client custom collector over the daemon (no metric objects outlive a run)."""
+
+    def __init__(self, daemon: Any):
+        self.daemon = daemon
+
+    def describe(self) -> list[Metric]:
+        # Returning nothing keeps the registry from calling collect() at registration time.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        d = self.daemon
+        silent_after = d.config.rank_silent_after
+        run_fams = {name: GaugeMetricFamily(name, help_, labels=["run"]) for name, help_, _, _ in RUN_VALUES}
+        rank_fams = {name: GaugeMetricFamily(name, help_, labels=["run", "rank"]) for name, help_, _, _ in RANK_VALUES}
+        client_fams = {
+            metric: (CounterMetricFamily(metric.removesuffix("_total"), help_, labels=["run", "rank"]) if counter
+                     else GaugeMetricFamily(metric, help_, labels=["run", "rank"]))
+            for _, metric, help_, counter in CLIENT_VALUES
+        }
+        step = GaugeMetricFamily("trainguard_step", "Largest optimizer step any rank finished.", labels=["run"])
+        tps = GaugeMetricFamily("trainguard_tokens_per_second", "Training throughput over recent steps, all ranks.",
+                                labels=["run"])
+        seen = GaugeMetricFamily("trainguard_last_seen_timestamp_seconds", "Event time of the rank's latest record.",
+                                 labels=["run", "rank"])
+        info = GaugeMetricFamily("trainguard_run_info", "One per live run; labels describe it.",
+                                 labels=["run", "status", "framework"])
+        world = GaugeMetricFamily("trainguard_run_world_size", "Number of ranks in the job.", labels=["run"])
+        reporting = GaugeMetricFamily("trainguard_run_ranks_reporting", "Ranks that reported recently.", labels=["run"])
+        det_stat = GaugeMetricFamily("trainguard_detector_statistic", "Each detector's statistic for the run.",
+                                     labels=["run", "detector"])
+        for st in d.registry.snapshot():
+            with st.lock:
+                run = st.run
+                for name, _, kind, value in RUN_VALUES:
+                    lead = st.lead_rank(kind)
+                    v = lead.value(kind, value) if lead else None
+                    if v is not None:
+                        run_fams[name].add_metric([run], v)
+                last = st.last_step()
+                if last is not None:
+                    step.add_metric([run], last)
+                total_tps = None
+                for r, rs in st.ranks.items():
+                    rl = [run, str(r)]
+                    seen.add_metric(rl, rs.last_t)
+                    for name, _, kind, value in RANK_VALUES:
+                        v = rs.value(kind, value)
+                        if v is not None:
+                            rank_fams[name].add_metric(rl, v)
+                    for value, metric, _, _ in CLIENT_VALUES:
+                        v = rs.client.get(value)
+                        if v is not None:
+                            client_fams[metric].add_metric(rl, v)
+                    rt = rs.tokens_per_second()
+                    if rt is not None:
+                        total_tps = (total_tps or 0.0) + rt
+                if total_tps is not None:
+                    tps.add_metric([run], total_tps)
+                framework = str(st.meta.get("framework", ""))[:64] if isinstance(st.meta, dict) else ""
+                info.add_metric([run, st.status, framework], 1)
+                world.add_metric([run], st.effective_world_size)
+                reporting.add_metric([run], st.ranks_reporting(silent_after))
+                for det in st.detectors:
+                    v = det.statistic()
+                    if v is not None:
+                        det_stat.add_metric([run, det.name], v)
+        yield from run_fams.values()
+        yield step
+        yield tps
+        yield from rank_fams.values()
+        yield seen
+        yield from client_fams.values()
+        yield info
+        yield world
+        yield reporting
+        yield det_stat
+
+        active = GaugeMetricFamily("trainguard_alert_active", "1 while the alert fires.",
+                                   labels=["run", "alert", "severity"])
+        fired = CounterMetricFamily("trainguard_alerts_fired", "Times the alert started firing.",
+                                    labels=["run", "alert"])
+        for run, name, sev, is_active, count in d.alerts.known():
+            active.add_metric([run, name, sev], 1 if is_active else 0)
+            fired.add_metric([run, name], count)
+        yield active
+        yield fired
+
+        ing = d.ingest
+        c = CounterMetricFamily("trainguard_ingest_batches", "Batches applied (resends not counted).")
+        c.add_metric([], ing.batches)
+        yield c
+        c = CounterMetricFamily("trainguard_ingest_duplicate_batches", "Resent batches recognised and not applied.")
+        c.add_metric([], ing.duplicates)
+        yield c
+        c = CounterMetricFamily("trainguard_ingest_records", "Records applied, by kind.", labels=["kind"])
+        for kind, n in sorted(ing.records_by_kind.items()):
+            c.add_metric([kind], n)
+        yield c
+        c = CounterMetricFamily("trainguard_ingest_rejected_records", "Records refused, by the field at fault.",
+                                labels=["field"])
+        for f, n in sorted(ing.rejected_records.items()):
+            c.add_metric([f], n)
+        yield c
+        c = CounterMetricFamily("trainguard_ingest_rejected_batches", "Whole batches refused, by the field at fault.",
+                                labels=["field"])
+        for f, n in sorted(ing.rejected_batches.items()):
+            c.add_metric([f], n)
+        yield c
+        c = CounterMetricFamily("trainguard_ingest_errors", "Batches that failed inside the daemon (store errors).")
+        c.add_metric([], ing.errors)
+        yield c
+        c = CounterMetricFamily("trainguard_detector_errors", "Exceptions raised by detectors.", labels=["detector"])
+        for det, n in sorted(ing.detector_errors.items()):
+            c.add_metric([det], n)
+        yield c
+
+        s = d.store.stats
+        for name, help_, v in (
+            ("trainguard_store_batches_written", "Batches committed to SQLite.", s.batches_written),
+            ("trainguard_store_records_written", "Records committed to SQLite.", s.records_written),
+            ("trainguard_store_bytes_written", "Compressed batch bytes committed.", s.bytes_written),
+            ("trainguard_store_commits", "SQLite transactions committed.", s.commits),
+            ("trainguard_store_write_errors", "Failed SQLite transactions.", s.write_errors),
+        ):
+            c = CounterMetricFamily(name, help_)
+            c.add_metric([], v)
+            yield c
+        g = GaugeMetricFamily("trainguard_store_queue_depth", "Writes waiting for the store thread.")
+        g.add_metric([], s.queue_depth)
+        yield g
+        g = GaugeMetricFamily("trainguard_runs", "Live runs.")
+        g.add_metric([], len(d.registry.runs))
+        yield g
+        c = CounterMetricFamily("trainguard_runs_expired", "Runs forgotten after they finished or fell silent.")
+        c.add_metric([], d.runs_expired)
+        yield c
+        bi = InfoMetricFamily("trainguard_build", "trainguard version and runtime.")
+        bi.add_metric([], {"version": __version__, "python": platform.python_version()})
+        yield bi

@@ -1,0 +1,71 @@
+"""The detector interface: one detector per file, no I/O, driven by records and the run's event time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+from monitor.records import Record
+
+SEVERITIES = ("info", "warning", "critical")
+
+
+@dataclass
+class Finding:
+    """What a detector concluded: an alert starts (`fire`) or ends (`resolve`)."""
+
+    alert: str
+    action: str  # "fire" or "resolve"
+    t: float  # event time of the evidence
+    severity: str = "warning"
+    step: int | None = None
+    rank: int | None = None
+    value: float | None = None
+    summary: str = ""
+    description: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+class Detector:
+    """Base class. A detector instance watches one run.
+
+    `update` sees every record of the kinds in `kinds`, in arrival order; `tick` is called with the
+    run's event-time clock after each batch, for rules about time passing (a stall, a lost rank).
+    Both return findings; neither may do I/O or read the wall clock. `state`/`restore` let the
+    daemon persist what the detector has learnt across a restart.
+    """
+
+    name: ClassVar[str] = ""
+    severity: ClassVar[str] = "warning"
+    kinds: ClassVar[frozenset[str]] = frozenset()
+    defaults: ClassVar[Mapping[str, Any]] = {}
+
+    def __init__(self, config: Mapping[str, Any] | None = None):
+        unknown = set(config or {}) - set(self.defaults) - {"severity", "enabled"}
+        if unknown:
+            raise ValueError(f"detectors.{self.name}: unknown setting(s) {', '.join(sorted(unknown))}; "
+                             f"known: {', '.join(sorted(self.defaults))}")
+        merged = {**self.defaults, **(config or {})}
+        self.config = merged
+        self.severity = merged.get("severity", type(self).severity)
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"detectors.{self.name}.severity: {self.severity!r} is not one of {', '.join(SEVERITIES)}")
+
+    def update(self, rec: Record, run: Any) -> list[Finding]:
+        """Consume one record; return findings (usually none)."""
+        return []
+
+    def tick(self, now: float, run: Any) -> list[Finding]:
+        """Called with the run's event time after each batch."""
+        return []
+
+    def statistic(self) -> float | None:
+        """How close the run is to a page, on the detector's own scale (None if not meaningful)."""
+        return None
+
+    def state(self) -> dict[str, Any]:
+        """What to persist across a daemon restart."""
+        return {}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Take back what `state` returned."""

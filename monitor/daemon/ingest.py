@@ -1,0 +1,205 @@
+"""From a validated batch to state, detectors and alerts: dedup, durable store, apply."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import re
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, Iterable, Mapping
+
+from monitor.daemon.alerts import AlertManager
+from monitor.daemon.detectors import build_detectors
+from monitor.daemon.detectors.base import Finding
+from monitor.daemon.state import Registry, RunState
+from monitor.daemon.store import Store, StoreError
+from monitor.records import Record
+from monitor.wire import Batch
+
+log = logging.getLogger("trainguard.ingest")
+_INDEX = re.compile(r"\[\d+\]")
+
+
+def field_label(field: str) -> str:
+    """A bounded metric label from a field path: "records[3].names[2]" -> "names"."""
+    return _INDEX.sub("", field).split(".")[-1][:32] or "batch"
+
+
+class Ingest:
+    """Applies batches: each is committed to the store, then folded into state and detectors."""
+
+    def __init__(self, registry: Registry, store: Store, alerts: AlertManager,
+                 detector_config: Mapping[str, Any] | None = None, commit_timeout: float = 30.0):
+        self.registry = registry
+        self.store = store
+        self.alerts = alerts
+        self.detector_config = dict(detector_config or {})
+        self.commit_timeout = commit_timeout
+        self._pending: dict[tuple[str, int, str], tuple[int, Future]] = {}
+        self._lock = threading.Lock()
+        self.batches = 0
+        self.duplicates = 0
+        self.records_by_kind: collections.Counter[str] = collections.Counter()
+        self.rejected_records: collections.Counter[str] = collections.Counter()
+        self.rejected_batches: collections.Counter[str] = collections.Counter()
+        self.detector_errors: collections.Counter[str] = collections.Counter()
+        self.errors = 0
+
+    # -- runs --------------------------------------------------------------------------------------
+
+    def run_state(self, run: str) -> RunState:
+        """The run's state; a new run gets its own detectors."""
+        st, created = self.registry.get_or_create(run)
+        if created:
+            with st.lock:
+                if not st.detectors:
+                    st.detectors = build_detectors(self.detector_config)
+        return st
+
+    # -- the hot path ------------------------------------------------------------------------------
+
+    def handle(self, batch: Batch, raw: bytes) -> bool:
+        """Store and apply one batch; return True if it had been applied before (a resend)."""
+        for rj in batch.rejections:
+            self.rejected_records[field_label(rj.field)] += 1
+        st = self.run_state(batch.run)
+        key = (batch.rank, batch.incarnation)
+        pkey = (batch.run, batch.rank, batch.incarnation)
+        with st.lock:
+            if batch.sequence <= st.seqs.get(key, 0):
+                self.duplicates += 1
+                return True
+            with self._lock:
+                pending = self._pending.get(pkey)
+            if pending is not None and pending[0] == batch.sequence:
+                fut, own = pending[1], False
+            else:
+                if batch.rejections:
+                    from monitor.wire import reencode_kept
+
+                    raw = reencode_kept(batch)
+                t_min, t_max = batch.t_range
+                fut = self.store.put_batch(batch.run, batch.rank, batch.incarnation, batch.sequence,
+                                           t_min, t_max, len(batch.records), raw)
+                own = True
+                with self._lock:
+                    self._pending[pkey] = (batch.sequence, fut)
+        try:
+            fut.result(self.commit_timeout)  # acknowledge only what is durable
+        except Exception as e:
+            if own:
+                with self._lock:
+                    self._pending.pop(pkey, None)
+            self.errors += 1
+            raise StoreError(str(e)) from e
+        if not own:
+            self.duplicates += 1
+            return True
+        with st.lock:
+            with self._lock:
+                self._pending.pop(pkey, None)
+            st.seqs[key] = max(st.seqs.get(key, 0), batch.sequence)
+            findings = self._apply(st, batch.records, detect=True)
+        self.batches += 1
+        if findings:
+            self.alerts.apply(batch.run, findings)
+        return False
+
+    def _apply(self, st: RunState, records: Iterable[Record], detect: bool) -> list[Finding]:
+        """Fold records into the run's state and detectors (caller holds st.lock)."""
+        recv = time.monotonic()
+        st.last_recv = recv
+        findings: list[Finding] = []
+        dispatch = self._dispatch(st) if detect else {}
+        counts = self.records_by_kind
+        for rec in records:
+            st.observe(rec, recv)
+            counts[rec.kind] += 1
+            for det in dispatch.get(rec.kind, ()):
+                try:
+                    out = det.update(rec, st)
+                except Exception as e:  # noqa: BLE001 - one broken detector must not stop ingest
+                    self._detector_failed(det, e)
+                    continue
+                if out:
+                    findings.extend(out)
+        if detect:
+            for det in st.detectors:
+                try:
+                    out = det.tick(st.clock, st)
+                except Exception as e:  # noqa: BLE001
+                    self._detector_failed(det, e)
+                    continue
+                if out:
+                    findings.extend(out)
+        return findings
+
+    def _dispatch(self, st: RunState) -> dict[str, list[Any]]:
+        table = getattr(st, "_dispatch", None)
+        if table is None or getattr(st, "_dispatch_n", -1) != len(st.detectors):
+            table = collections.defaultdict(list)
+            for det in st.detectors:
+                for kind in det.kinds:
+                    table[kind].append(det)
+            st._dispatch = dict(table)  # type: ignore[attr-defined]
+            st._dispatch_n = len(st.detectors)  # type: ignore[attr-defined]
+        return st._dispatch  # type: ignore[attr-defined]
+
+    def _detector_failed(self, det: Any, e: Exception) -> None:
+        self.detector_errors[det.name] += 1
+        if self.detector_errors[det.name] <= 3:
+            log.exception("detector %s failed: %s", det.name, e)
+
+    # -- restart -----------------------------------------------------------------------------------
+
+    def snapshot_run(self, st: RunState) -> dict[str, Any]:
+        """The run's summary and detector state, for the store."""
+        with st.lock:
+            return {
+                "run": st.run, "world_size": st.world_size, "status": st.status, "meta": st.meta,
+                "first_t": st.first_t, "last_t": st.clock, "last_step": st.last_step(),
+                "detector_state": {
+                    "saved_at": time.time(),
+                    "seqs": [[r, inc, s] for (r, inc), s in st.seqs.items()],
+                    "detectors": {d.name: d.state() for d in st.detectors},
+                },
+            }
+
+    def restore(self, restore_batches: int = 200) -> int:
+        """Rebuild the live runs from the store after a restart; return how many runs came back.
+
+        Detectors take back their saved state; batches stored after that state was saved are
+        applied again through the detectors, and the most recent batches before it refill the
+        per-rank state (latest values, windows) without the detectors.
+        """
+        from monitor.wire import InvalidBatch, decode_batch
+
+        rows = self.store.load_runs()
+        self.alerts.restore([r["run"] for r in rows])
+        for row in rows:
+            st = self.run_state(row["run"])
+            saved = row.get("detector_state") or {}
+            saved_seqs = {(r, inc): s for r, inc, s in saved.get("seqs", [])}
+            det_states = saved.get("detectors", {})
+            with st.lock:
+                st.world_size = row.get("world_size")
+                st.meta = row.get("meta") or {}
+                for det in st.detectors:
+                    if det.name in det_states:
+                        det.restore(det_states[det.name])
+                findings: list[Finding] = []
+                for _bid, rank, inc, seq, data in self.store.batches(st.run, limit=restore_batches, newest=True):
+                    try:
+                        batch = decode_batch(data)
+                    except InvalidBatch:
+                        continue
+                    after = seq > saved_seqs.get((rank, inc), 0)
+                    findings.extend(self._apply(st, batch.records, detect=after))
+                st.seqs.update(self.store.max_sequences(st.run))
+                if row.get("status") in ("completed", "failed", "stopped"):
+                    st.run_status = row["status"]
+            if findings:
+                self.alerts.apply(st.run, findings)
+        return len(rows)

@@ -1,0 +1,258 @@
+"""Per-run, per-rank state with bounded windows; each run keeps its own event-time clock.
+
+Event time (the records' `t`) drives every time-based rule, so a trace replayed at any speed gives
+the same result as the live run. Only expiry (forgetting a run nobody reports on) uses the
+daemon's own clock.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from array import array
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from monitor.records import Record
+
+# Series kept as windows per rank: what per-rank rules and rates need. Everything else keeps its
+# latest value only, so memory per rank stays flat however many names a client sends.
+WINDOW_SERIES = (
+    "loss", "grad_norm", "lr", "step_time_seconds", "compute_time_seconds", "data_time_seconds",
+    "tokens", "host_rss_bytes", "gpu_memory_allocated_bytes", "gpu_memory_reserved_bytes",
+)
+END_SEVERITY = {"completed": 0, "stopped": 1, "failed": 2}
+
+
+class Ring:
+    """A fixed-capacity window of (event time, step, value), oldest first, in flat float arrays."""
+
+    __slots__ = ("cap", "_t", "_s", "_v", "n", "_i")
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self._t = array("d", bytes(8 * cap))
+        self._s = array("d", bytes(8 * cap))
+        self._v = array("d", bytes(8 * cap))
+        self.n = 0
+        self._i = 0
+
+    def append(self, t: float, step: float, v: float) -> None:
+        """Add one point, overwriting the oldest when full."""
+        i = self._i
+        self._t[i] = t
+        self._s[i] = step
+        self._v[i] = v
+        self._i = (i + 1) % self.cap
+        if self.n < self.cap:
+            self.n += 1
+
+    def _order(self) -> Iterable[int]:
+        start = (self._i - self.n) % self.cap
+        return ((start + k) % self.cap for k in range(self.n))
+
+    def values(self) -> list[float]:
+        """The values, oldest first."""
+        return [self._v[i] for i in self._order()]
+
+    def points(self) -> list[tuple[float, float, float]]:
+        """(t, step, value) triples, oldest first."""
+        return [(self._t[i], self._s[i], self._v[i]) for i in self._order()]
+
+    def last(self) -> float | None:
+        """The newest value, or None when empty."""
+        return self._v[(self._i - 1) % self.cap] if self.n else None
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class RankState:
+    """What the daemon knows about one rank of one run."""
+
+    __slots__ = ("rank", "last_t", "last_recv", "last_step", "heartbeat_step", "latest", "windows",
+                 "records", "status", "client", "window_cap", "host")
+
+    def __init__(self, rank: int, window_cap: int):
+        self.rank = rank
+        self.last_t = 0.0
+        self.last_recv = 0.0
+        self.last_step: int | None = None
+        self.heartbeat_step: int | None = None
+        self.latest: dict[str, dict[str, float]] = {}
+        self.windows: dict[str, Ring] = {}
+        self.records = 0
+        self.status: str | None = None
+        self.client: dict[str, float] = {}
+        self.window_cap = window_cap
+
+    def observe(self, rec: Record) -> None:
+        """Fold one record into the rank's state."""
+        self.records += 1
+        if rec.t > self.last_t:
+            self.last_t = rec.t
+        kind = rec.kind
+        vals = rec.values
+        if kind == "train":
+            if rec.step is not None and (self.last_step is None or rec.step >= self.last_step):
+                self.last_step = rec.step
+            self._keep(kind, rec, vals)
+        elif kind == "system" or kind == "eval":
+            self._keep(kind, rec, vals)
+        elif kind == "heartbeat":
+            self.heartbeat_step = rec.step
+            if vals:
+                self.client.update(vals)
+        elif kind == "end":
+            self.status = rec.status or "completed"
+            if rec.step is not None and (self.last_step is None or rec.step > self.last_step):
+                self.last_step = rec.step
+        elif kind == "probe":
+            self._keep(f"probe:{rec.suite}", rec, vals)
+
+    def _keep(self, kind: str, rec: Record, vals: dict[str, float]) -> None:
+        latest = self.latest.get(kind)
+        if latest is None:
+            latest = self.latest[kind] = {}
+        latest.update(vals)
+        if kind == "eval" or not vals:
+            return
+        windows = self.windows
+        step = float(rec.step) if rec.step is not None else math.nan
+        for name in WINDOW_SERIES:
+            v = vals.get(name)
+            if v is not None:
+                w = windows.get(name)
+                if w is None:
+                    w = windows[name] = Ring(self.window_cap)
+                w.append(rec.t, step, v)
+
+    def value(self, kind: str, name: str) -> float | None:
+        """The latest value of `name` among records of `kind`."""
+        d = self.latest.get(kind)
+        return d.get(name) if d else None
+
+    def tokens_per_second(self) -> float | None:
+        """Tokens over wall time of the rank's recent steps (None when the rank reports no tokens)."""
+        tok = self.windows.get("tokens")
+        st = self.windows.get("step_time_seconds")
+        if not tok or not st:
+            return None
+        k = min(len(tok), len(st), 50)
+        tsum = sum(st.values()[-k:])
+        return sum(tok.values()[-k:]) / tsum if tsum > 0 else None
+
+
+class RunState:
+    """One run: its ranks, its event-time clock, its detectors and its bookkeeping."""
+
+    def __init__(self, run: str, window_cap: int):
+        self.run = run
+        self.lock = threading.RLock()
+        self.window_cap = window_cap
+        self.world_size: int | None = None
+        self.meta: dict[str, Any] = {}
+        self.ranks: dict[int, RankState] = {}
+        self.clock = 0.0  # the run's event time: the largest t seen
+        self.first_t: float | None = None
+        self.created = time.time()
+        self.last_recv = time.monotonic()
+        self.records = 0
+        self.seqs: dict[tuple[int, str], int] = {}  # (rank, incarnation) -> last applied batch
+        self.detectors: list[Any] = []
+        self.run_status: str | None = None  # set once every reporting rank sent `end`
+
+    def rank(self, r: int) -> RankState:
+        """The state of rank `r`, created on first sight."""
+        st = self.ranks.get(r)
+        if st is None:
+            st = self.ranks[r] = RankState(r, self.window_cap)
+        return st
+
+    def observe(self, rec: Record, recv: float) -> None:
+        """Fold one record into the run."""
+        self.records += 1
+        if rec.t > self.clock:
+            self.clock = rec.t
+        if self.first_t is None or rec.t < self.first_t:
+            self.first_t = rec.t
+        rs = self.rank(rec.rank)
+        rs.last_recv = recv
+        rs.observe(rec)
+        if rec.kind == "run":
+            if rec.world_size:
+                self.world_size = max(self.world_size or 0, rec.world_size)
+            if rec.meta:
+                self.meta = rec.meta
+            self.run_status = None  # a restarted job announces itself again
+        elif rec.kind == "end":
+            self._update_status()
+
+    def _update_status(self) -> None:
+        statuses = [rs.status for rs in self.ranks.values()]
+        expected = max(self.world_size or 1, len(self.ranks))
+        if len(statuses) >= expected and all(statuses):
+            self.run_status = max(statuses, key=lambda s: END_SEVERITY.get(s or "", 1))  # type: ignore[arg-type]
+
+    @property
+    def status(self) -> str:
+        """running, completed, failed or stopped."""
+        return self.run_status or "running"
+
+    @property
+    def effective_world_size(self) -> int:
+        """The announced world size, or the number of ranks seen."""
+        return max(self.world_size or 0, (max(self.ranks) + 1) if self.ranks else 0, 1)
+
+    def lead_rank(self, kind: str = "train") -> RankState | None:
+        """The lowest rank that reported `kind` values: the source of run-level values."""
+        best = None
+        for r, rs in self.ranks.items():
+            if kind in rs.latest and (best is None or r < best.rank):
+                best = rs
+        return best
+
+    def last_step(self) -> int | None:
+        """The largest step any rank finished."""
+        steps = [rs.last_step for rs in self.ranks.values() if rs.last_step is not None]
+        return max(steps) if steps else None
+
+    def ranks_reporting(self, silent_after: float) -> int:
+        """Ranks whose latest record is within `silent_after` seconds of the run's event clock."""
+        return sum(1 for rs in self.ranks.values() if rs.status is None and self.clock - rs.last_t <= silent_after)
+
+
+@dataclass
+class Registry:
+    """All live runs."""
+
+    window_cap: int = 256
+    runs: dict[str, RunState] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def get_or_create(self, run: str) -> tuple[RunState, bool]:
+        """The run's state, and whether it was just created."""
+        st = self.runs.get(run)
+        if st is not None:
+            return st, False
+        with self.lock:
+            st = self.runs.get(run)
+            if st is not None:
+                return st, False
+            st = self.runs[run] = RunState(run, self.window_cap)
+            return st, True
+
+    def get(self, run: str) -> RunState | None:
+        """The run's state, or None."""
+        return self.runs.get(run)
+
+    def snapshot(self) -> list[RunState]:
+        """The live runs (a list copy; each run is read under its own lock)."""
+        with self.lock:
+            return list(self.runs.values())
+
+    def remove(self, run: str) -> RunState | None:
+        """Forget a run."""
+        with self.lock:
+            return self.runs.pop(run, None)

@@ -1,0 +1,1 @@
+"""Thin adapters from each framework's hooks to monitor.client; each imports its framework lazily."""

@@ -1,0 +1,298 @@
+"""Records <-> protobuf. The only module that imports the generated code."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
+
+from monitor._pb.trainguard.v1 import telemetry_pb2 as pb
+from monitor.records import (
+    KINDS,
+    MAX_META_BYTES,
+    MAX_RANK,
+    MAX_VALUES,
+    InvalidRecord,
+    Record,
+    check_name,
+    check_record,
+    check_run_id,
+)
+
+SERVICE = "trainguard.v1.Telemetry"
+REPORT_METHOD = f"/{SERVICE}/Report"
+MAX_BATCH_BYTES = 4 * 1024 * 1024  # the contract: a batch is at most 4 MiB
+MAX_REJECTIONS_REPORTED = 16
+MAX_INCARNATION_CHARS = 64
+
+ReportRequest = pb.ReportRequest
+ReportResponse = pb.ReportResponse
+
+
+class InvalidBatch(ValueError):
+    """The whole batch is unusable (bad header, not a protobuf, too large)."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+@dataclass
+class Rejection:
+    """One refused record: its position, the field at fault and why."""
+
+    index: int
+    field: str
+    reason: str
+
+
+@dataclass
+class Batch:
+    """A decoded ReportRequest: the header and the records that passed validation."""
+
+    run: str
+    rank: int
+    incarnation: str
+    sequence: int
+    client: str
+    records: list[Record]
+    rejections: list[Rejection] = field(default_factory=list)
+    total: int = 0
+    lenient: bool = False  # decoded with the byte-string fallback (some text was not UTF-8)
+
+    @property
+    def t_range(self) -> tuple[float, float]:
+        """Smallest and largest event time of the kept records (0, 0 when there are none)."""
+        if not self.records:
+            return (0.0, 0.0)
+        ts = [r.t for r in self.records]
+        return (min(ts), max(ts))
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding (client and replay)
+
+
+def _to_float(v: Any) -> float:
+    # float() works for Python numbers, numpy scalars and 0-d tensors alike.
+    return float(v)
+
+
+def encode_records(req: Any, records: Iterable[Record], batch_rank: int) -> int:
+    """Append records to a ReportRequest; return how many values could not be turned into numbers."""
+    bad = 0
+    add = req.records.add
+    for rec in records:
+        r = add()
+        r.kind = rec.kind
+        r.t = rec.t
+        if rec.step is not None:
+            r.step = rec.step
+        if rec.rank != batch_rank:
+            r.rank = rec.rank
+        vals = rec.values
+        if vals:
+            try:
+                r.names.extend(vals.keys())
+                r.values.extend([_to_float(v) for v in vals.values()])
+            except (TypeError, ValueError, RuntimeError):
+                del r.names[:]
+                del r.values[:]
+                for k, v in vals.items():
+                    try:
+                        fv = _to_float(v)
+                    except (TypeError, ValueError, RuntimeError):
+                        bad += 1
+                        continue
+                    r.names.append(k)
+                    r.values.append(fv)
+        if rec.kind == "run":
+            r.world_size = rec.world_size or 0
+            if rec.meta is not None:
+                r.meta_json = json.dumps(rec.meta, default=str, allow_nan=True)
+        elif rec.kind == "probe":
+            if rec.suite:
+                r.suite = rec.suite
+            if rec.items is not None:
+                r.items.extend([_to_float(x) for x in rec.items])
+        elif rec.kind == "end" and rec.status:
+            r.status = rec.status
+    return bad
+
+
+def encode_batch(run: str, rank: int, incarnation: str, sequence: int, records: Sequence[Record],
+                 client: str = "") -> bytes:
+    """Serialize one batch."""
+    req = pb.ReportRequest(run=run, rank=rank, incarnation=incarnation, sequence=sequence, client=client)
+    encode_records(req, records, rank)
+    return req.SerializeToString()
+
+
+def decode_response(data: bytes) -> Any:
+    """Parse a ReportResponse."""
+    return pb.ReportResponse.FromString(data)
+
+
+def encode_response(ack: int, accepted: int, rejections: Sequence[Rejection], duplicate: bool = False) -> bytes:
+    """Serialize a ReportResponse with at most the first few rejection reasons."""
+    resp = pb.ReportResponse(ack_sequence=ack, accepted=accepted, rejected=len(rejections), duplicate=duplicate)
+    for rj in rejections[:MAX_REJECTIONS_REPORTED]:
+        resp.rejections.add(index=rj.index, field=rj.field, reason=rj.reason)
+    return resp.SerializeToString()
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding (daemon)
+
+
+def _lenient_request_class() -> Any:
+    """A twin of ReportRequest whose text fields are bytes: it parses a batch with non-UTF-8 text.
+
+    proto3 refuses a whole message when one string is not UTF-8. The twin has the same field
+    numbers and wire types, so it reads the same bytes, and each record's text can be checked on
+    its own: the good records of the batch are kept and the bad one is named.
+    """
+    fdp = descriptor_pb2.FileDescriptorProto()
+    pb.DESCRIPTOR.CopyToProto(fdp)
+    fdp.name = "trainguard/v1/telemetry_lenient.proto"
+    fdp.package = "trainguard.v1.lenient"
+    del fdp.service[:]
+    keep = [m for m in fdp.message_type if m.name in ("ReportRequest", "Record")]
+    del fdp.message_type[:]
+    for m in keep:
+        for f in m.field:
+            if f.type == descriptor_pb2.FieldDescriptorProto.TYPE_STRING:
+                f.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
+            if f.type_name == ".trainguard.v1.Record":
+                f.type_name = ".trainguard.v1.lenient.Record"
+        fdp.message_type.add().CopyFrom(m)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("trainguard.v1.lenient.ReportRequest"))
+
+
+_LenientRequest = _lenient_request_class()
+
+
+def _text(v: Any, field: str) -> str:
+    if isinstance(v, bytes):
+        try:
+            return v.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidRecord(field, f"not valid UTF-8 (byte {e.start}: {v[e.start:e.start + 1]!r})") from None
+    return v
+
+
+def _header_text(v: Any, field: str) -> str:
+    try:
+        return _text(v, field)
+    except InvalidRecord as e:
+        raise InvalidBatch(e.field, e.reason) from None
+
+
+class _NameCache:
+    """Value names already seen valid. Names repeat every step, so each is checked once."""
+
+    def __init__(self, limit: int = 100_000):
+        self.ok: set[str] = set()
+        self.limit = limit
+
+    def check(self, name: str, field: str) -> None:
+        if name in self.ok:
+            return
+        check_name(name, field)
+        if len(self.ok) < self.limit:
+            self.ok.add(name)
+
+
+_names = _NameCache()
+
+
+def _decode_record(r: Any, i: int, batch_rank: int, run: str, lenient: bool) -> Record:
+    prefix = f"records[{i}]."
+    kind = _text(r.kind, prefix + "kind") if lenient else r.kind
+    if kind not in KINDS:
+        raise InvalidRecord(prefix + "kind", f"unknown kind {kind!r}; expected one of {', '.join(sorted(KINDS))}")
+    names = r.names
+    values = r.values
+    n = len(names)
+    if n != len(values):
+        raise InvalidRecord(prefix + "values", f"{n} names but {len(values)} values; they must pair up")
+    if n > MAX_VALUES:
+        raise InvalidRecord(prefix + "values", f"{n} values, the limit is {MAX_VALUES} per record")
+    if lenient:
+        names = [_text(nm, f"{prefix}names[{j}]") for j, nm in enumerate(names)]
+    check = _names.check
+    for j, nm in enumerate(names):
+        check(nm, f"{prefix}names[{j}]")
+    rank = r.rank if r.HasField("rank") else batch_rank
+    step = r.step if r.HasField("step") else None
+    rec = Record(kind, run, r.t, rank, step, dict(zip(names, values)))
+    if kind == "run":
+        rec.world_size = r.world_size
+        meta_json = _text(r.meta_json, prefix + "meta_json") if lenient else r.meta_json
+        if meta_json:
+            if len(meta_json) > MAX_META_BYTES:
+                raise InvalidRecord(prefix + "meta_json", f"{len(meta_json)} bytes, the limit is {MAX_META_BYTES}")
+            try:
+                meta = json.loads(meta_json)
+            except ValueError as e:
+                raise InvalidRecord(prefix + "meta_json", f"not valid JSON ({e})") from None
+            if not isinstance(meta, dict):
+                raise InvalidRecord(prefix + "meta_json", "must be a JSON object")
+            rec.meta = meta
+    elif kind == "probe":
+        rec.suite = _text(r.suite, prefix + "suite") if lenient else r.suite
+        rec.items = list(r.items) if len(r.items) else None
+    elif kind == "end":
+        status = _text(r.status, prefix + "status") if lenient else r.status
+        rec.status = status or None
+    check_record(rec, prefix)
+    return rec
+
+
+def decode_batch(data: bytes, max_bytes: int = MAX_BATCH_BYTES) -> Batch:
+    """Parse and validate one batch; raise InvalidBatch if the batch as a whole is unusable."""
+    if len(data) > max_bytes:
+        raise InvalidBatch("batch", f"{len(data)} bytes, the limit is {max_bytes} bytes (4 MiB); send smaller batches")
+    lenient = False
+    try:
+        req = pb.ReportRequest.FromString(data)
+    except DecodeError:
+        try:
+            req = _LenientRequest.FromString(data)
+        except DecodeError as e:
+            raise InvalidBatch("batch", f"not a valid trainguard.v1.ReportRequest protobuf ({e})") from None
+        lenient = True
+    run = _header_text(req.run, "run")
+    try:
+        check_run_id(run)
+    except InvalidRecord as e:
+        raise InvalidBatch(e.field, e.reason) from None
+    rank = req.rank
+    if rank >= MAX_RANK:
+        raise InvalidBatch("rank", f"must be < {MAX_RANK}, got {rank}")
+    incarnation = _header_text(req.incarnation, "incarnation")
+    if not incarnation or len(incarnation) > MAX_INCARNATION_CHARS:
+        raise InvalidBatch("incarnation", f"must be 1-{MAX_INCARNATION_CHARS} characters, got {len(incarnation)}")
+    if req.sequence == 0:
+        raise InvalidBatch("sequence", "must be >= 1")
+    client = _header_text(req.client, "client")[:128]
+    records: list[Record] = []
+    rejections: list[Rejection] = []
+    for i, r in enumerate(req.records):
+        try:
+            records.append(_decode_record(r, i, rank, run, lenient))
+        except InvalidRecord as e:
+            rejections.append(Rejection(i, e.field, e.reason))
+    return Batch(run, rank, incarnation, req.sequence, client, records, rejections, len(req.records), lenient)
+
+
+def reencode_kept(batch: Batch) -> bytes:
+    """Serialize only the kept records of a batch (used when some records were refused)."""
+    return encode_batch(batch.run, batch.rank, batch.incarnation, batch.sequence, batch.records, batch.client)
+

@@ -1,0 +1,1 @@
+"""Few-shot evaluation probes run inside the training process (suites, scoring, runner, drift)."""
