@@ -8,8 +8,9 @@ import json
 import math
 import os
 import re
+import zlib
 from dataclasses import dataclass
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator
 
 KINDS = frozenset({"run", "train", "eval", "probe", "system", "heartbeat", "end"})
 STEP_REQUIRED = frozenset({"train", "eval", "probe"})
@@ -261,40 +262,54 @@ def record_from_json(obj: Any) -> Record:
     return rec
 
 
-def _open_binary(path: str) -> IO[bytes]:
-    with open(path, "rb") as f:
-        magic = f.read(2)
-    if magic == b"\x1f\x8b":
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    return open(path, "rb")
-
-
-def read_trace(path: str) -> Iterator[Record | TraceError]:
+def read_trace(path: str, on_progress: Callable[[int, int], None] | None = None) -> Iterator[Record | TraceError]:
     """Yield each line of a v1 trace as a Record, or a TraceError for a line that cannot be used.
 
     A bad line never stops the reading: the good lines around it are still yielded.
+    `on_progress(bytes_read, file_size)` is called every 1,000 lines (sizes of the file on disk).
     """
-    with _open_binary(path) as f:
+    for _lineno, item in read_trace_numbered(path, on_progress):
+        yield item
+
+
+def read_trace_numbered(path: str, on_progress: Callable[[int, int], None] | None = None
+                        ) -> Iterator[tuple[int, Record | TraceError]]:
+    """Like read_trace, with the line number of each item."""
+    try:
+        raw_f = open(path, "rb")
+    except OSError as e:
+        yield 0, TraceError(path, 0, None, f"cannot open: {e.strerror}")
+        return
+    with raw_f:
+        size = os.fstat(raw_f.fileno()).st_size
+        gz = raw_f.read(2) == b"\x1f\x8b"
+        raw_f.seek(0)
+        f: IO[bytes] = gzip.GzipFile(fileobj=raw_f, mode="rb") if gz else raw_f  # type: ignore[assignment]
+        lineno = 0
         try:
             for lineno, raw in enumerate(f, 1):
+                if on_progress is not None and lineno % 1000 == 0:
+                    on_progress(raw_f.tell(), size)
                 if not raw.strip():
                     continue
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    yield TraceError(path, lineno, None, f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})")
+                    yield lineno, TraceError(path, lineno, None, f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})")
                     continue
                 try:
                     obj = json.loads(text)
                 except ValueError as e:
-                    yield TraceError(path, lineno, None, f"not valid JSON ({e})")
+                    yield lineno, TraceError(path, lineno, None, f"not valid JSON ({e})")
                     continue
                 try:
-                    yield record_from_json(obj)
+                    yield lineno, record_from_json(obj)
                 except InvalidRecord as e:
-                    yield TraceError(path, lineno, e.field, e.reason)
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
-            yield TraceError(path, 0, None, f"cannot read the file: {e}")
+                    yield lineno, TraceError(path, lineno, e.field, e.reason)
+        except (OSError, EOFError, zlib.error) as e:
+            yield lineno + 1, TraceError(path, lineno + 1, None, f"cannot read the file further: {e}")
+        if on_progress is not None:
+            on_progress(size, size)
 
 
 def iter_trace_lines(lines: Iterable[str]) -> Iterator[Record]:

@@ -1,0 +1,317 @@
+"""The `trainguard` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, Sequence
+
+from monitor import __version__
+
+DEFAULT_URL = "http://127.0.0.1:9750"
+DEFAULT_ADDRESS = "127.0.0.1:9751"
+
+
+class CliError(Exception):
+    """A problem to report to the user in one line (exit code 2)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# tables
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def _when(t: Any) -> str:
+    if not isinstance(t, (int, float)):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain text table with aligned columns."""
+    cells = [[_cell(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+def format_alerts(alerts: Sequence[dict[str, Any]]) -> str:
+    """The table that `trainguard alerts` prints."""
+    if not alerts:
+        return "no alerts"
+    return table(["id", "run", "alert", "severity", "state", "rank", "step", "started", "summary"],
+                 [[a["id"], a["run"], a["name"], a["severity"], a["state"], a["rank"], a["step"],
+                   _when(a["started_at"]), a["summary"]] for a in alerts])
+
+
+def format_runs(runs: Sequence[dict[str, Any]]) -> str:
+    """The table that `trainguard runs` prints."""
+    if not runs:
+        return "no live runs"
+    return table(["run", "status", "health", "world_size", "reporting", "last_step", "last_seen"],
+                 [[r["run"], r["status"], r["health"], r["world_size"], r["ranks_reporting"], r["last_step"],
+                   _when(r["last_seen"])] for r in runs])
+
+
+def _api(url: str, path: str) -> Any:
+    full = url.rstrip("/") + path
+    try:
+        with urllib.request.urlopen(full, timeout=10) as r:
+            return json.load(r)
+    except urllib.error.HTTPError as e:
+        try:
+            msg = json.load(e).get("error", e.reason)
+        except Exception:  # noqa: BLE001
+            msg = e.reason
+        raise CliError(f"{full}: HTTP {e.code}: {msg}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise CliError(f"cannot reach the daemon at {url} ({reason}); start one with `trainguard serve` "
+                       "or pass --url") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from monitor.daemon.app import ConfigError, Daemon, DaemonConfig, load_config_file
+
+    try:
+        cfg = DaemonConfig.from_mapping(load_config_file(args.config), args.config) if args.config else DaemonConfig()
+        for name in ("host", "grpc_port", "http_port", "db"):
+            v = getattr(args, name)
+            if v is not None:
+                setattr(cfg, name, v)
+        daemon = Daemon(cfg)
+        daemon.start()
+    except ConfigError as e:
+        raise CliError(str(e)) from None
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        logging.getLogger("trainguard.daemon").info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"trainguard {__version__} serving: gRPC {daemon.grpc_address}, HTTP {daemon.http_url} "
+          f"(/metrics, /healthz, /api/v1/runs, /api/v1/alerts); store {os.path.abspath(cfg.db)}", flush=True)
+    if args.ready_file:
+        tmp = args.ready_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"grpc_port": daemon.grpc_port, "http_port": daemon.http_port, "pid": os.getpid()}, f)
+        os.replace(tmp, args.ready_file)
+    while not stop.wait(1.0):
+        pass
+    daemon.close()
+    print("trainguard daemon stopped", flush=True)
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from monitor.replay import ReplayError, replay
+
+    missing = [p for p in args.traces if not os.path.isfile(p)]
+    if missing:
+        raise CliError(f"no such file: {', '.join(missing)}")
+    try:
+        res = replay(args.traces, args.address, batch_size=args.batch_size,
+                     progress=False if args.quiet else None)
+    except ReplayError as e:
+        raise CliError(str(e)) from None
+    rate = res.records_accepted / res.seconds if res.seconds > 0 else 0.0
+    print(f"replayed {res.records_accepted:,} records from {res.files} file(s) in {res.seconds:.2f}s "
+          f"({rate:,.0f} records/s); runs: {', '.join(sorted(res.runs)) or '-'}")
+    if res.rejected:
+        print(f"{res.rejected:,} line(s) or record(s) rejected; the good ones were delivered:", file=sys.stderr)
+        for err in res.line_errors:
+            print(f"  {err}", file=sys.stderr)
+        for msg in res.record_errors:
+            print(f"  {msg}", file=sys.stderr)
+        shown = len(res.line_errors) + len(res.record_errors)
+        if res.rejected > shown:
+            print(f"  ... and {res.rejected - shown:,} more", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    if args.run:
+        detail = _api(args.url, "/api/v1/runs/" + urllib.parse.quote(args.run, safe=""))
+        if args.json:
+            print(json.dumps(detail, indent=2))
+            return 0
+        print(format_runs([detail]))
+        print()
+        print(table(["rank", "status", "last_step", "last_seen", "step_time", "rss_bytes", "dropped"],
+                    [[r["rank"], r["status"], r["last_step"], _when(r["last_seen"]), r["step_time_seconds"],
+                      r["host_rss_bytes"], r["client"].get("client_dropped_total")] for r in detail["ranks"]]))
+        return 0
+    runs = _api(args.url, "/api/v1/runs")["runs"]
+    print(json.dumps(runs, indent=2) if args.json else format_runs(runs))
+    return 0
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    q = {"state": args.state}
+    if args.run:
+        q["run"] = args.run
+    alerts = _api(args.url, "/api/v1/alerts?" + urllib.parse.urlencode(q))["alerts"]
+    print(json.dumps(alerts, indent=2) if args.json else format_alerts(alerts))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise CliError("the demo trains a model with PyTorch: pip install 'trainguard[torch]'") from None
+    from monitor.demo import run_demo
+
+    return run_demo(seconds=args.seconds, nan_at=args.nan_at, db=args.db, keep_serving=args.keep_serving)
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+
+
+def _positive(v: str) -> float:
+    x = float(v)
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    return x
+
+
+def _fraction(v: str) -> float:
+    x = float(v)
+    if not 0 < x < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {v}")
+    return x
+
+
+def _port(v: str) -> int:
+    x = int(v)
+    if not 0 <= x <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0-65535 (0 picks a free port), got {v}")
+    return x
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="trainguard", formatter_class=fmt,
+        description="Watch training jobs and page a person when a run goes wrong.",
+        epilog="examples:\n  trainguard serve\n  trainguard demo\n  trainguard replay run.jsonl.gz\n"
+               "  trainguard runs\n  trainguard alerts --run my-run\n\n"
+               "Run `trainguard COMMAND --help` for each command's options.")
+    p.add_argument("--version", action="version", version=f"trainguard {__version__}")
+    p.add_argument("--log-level", default=os.environ.get("TRAINGUARD_LOG_LEVEL", "INFO"),
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity (default INFO)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the daemon", formatter_class=fmt,
+                       description="Run the trainguard daemon: gRPC ingest, detectors, alerts, SQLite history, "
+                                   "Prometheus /metrics and the JSON API.",
+                       epilog="examples:\n  trainguard serve\n"
+                              "  trainguard serve --host 0.0.0.0 --db /var/lib/trainguard/trainguard.db\n"
+                              "  trainguard serve --grpc-port 0 --http-port 0 --ready-file ports.json\n"
+                              "  trainguard serve --config trainguard.toml\n\n"
+                              "SIGTERM or Ctrl-C shuts down gracefully: health turns NOT_SERVING, in-flight calls\n"
+                              "finish, the store is flushed.")
+    s.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--grpc-port", type=_port, default=None, help="telemetry gRPC port (default 9751)")
+    s.add_argument("--http-port", type=_port, default=None, help="metrics and API port (default 9750)")
+    s.add_argument("--db", default=None, help="SQLite file for history (default ./trainguard.db)")
+    s.add_argument("--config", default=None, metavar="FILE",
+                   help="TOML config; command-line flags override it (see README: Configuration)")
+    s.add_argument("--ready-file", default=None, metavar="FILE",
+                   help="write {grpc_port, http_port, pid} as JSON here once serving (useful with port 0)")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("replay", help="stream trace files to a daemon", formatter_class=fmt,
+                       description="Send v1 trace files (.jsonl or .jsonl.gz) to a daemon as fast as it "
+                                   "acknowledges them. Returns once the daemon has applied every record, so its "
+                                   "alerts API already reflects them. Bad lines are reported with file:line and "
+                                   "field; good lines are still sent.",
+                       epilog="examples:\n  trainguard replay run.jsonl.gz\n"
+                              "  trainguard replay traces/*.jsonl.gz --address 10.0.0.5:9751\n\n"
+                              "exit status: 0 all delivered, 1 some lines or records rejected, 2 error")
+    s.add_argument("traces", nargs="+", metavar="TRACE", help="trace file(s)")
+    s.add_argument("--address", default=os.environ.get("TRAINGUARD_ADDRESS", DEFAULT_ADDRESS),
+                   help=f"daemon gRPC address (default $TRAINGUARD_ADDRESS or {DEFAULT_ADDRESS})")
+    s.add_argument("--batch-size", type=int, default=1000, help="records per batch (default 1000)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_replay)
+
+    url_help = f"daemon HTTP URL (default $TRAINGUARD_URL or {DEFAULT_URL})"
+    s = sub.add_parser("runs", help="list live runs", formatter_class=fmt,
+                       description="List the daemon's live runs, or one run's per-rank detail.",
+                       epilog="examples:\n  trainguard runs\n  trainguard runs --run my-run\n  trainguard runs --json")
+    s.add_argument("--run", default=None, help="show one run with per-rank detail")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("--url", default=os.environ.get("TRAINGUARD_URL", DEFAULT_URL), help=url_help)
+    s.set_defaults(func=cmd_runs)
+
+    s = sub.add_parser("alerts", help="list alerts", formatter_class=fmt,
+                       description="List alerts, newest first.",
+                       epilog="examples:\n  trainguard alerts\n  trainguard alerts --run my-run --state firing\n"
+                              "  trainguard alerts --json")
+    s.add_argument("--run", default=None, help="only this run")
+    s.add_argument("--state", default="all", choices=["firing", "resolved", "all"], help="default all")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("--url", default=os.environ.get("TRAINGUARD_URL", DEFAULT_URL), help=url_help)
+    s.set_defaults(func=cmd_alerts)
+
+    s = sub.add_parser("demo", help="see trainguard catch a NaN in a live training run", formatter_class=fmt,
+                       description="Start a daemon in this process, train a tiny language model on the CPU for "
+                                   "about a minute with a NaN injected near the end, and show the NonFinite "
+                                   "alert as it fires. Exit status 0 when it fired at the injected step.",
+                       epilog="examples:\n  trainguard demo\n  trainguard demo --seconds 20\n"
+                              "  trainguard demo --keep-serving   # browse /metrics and the API afterwards")
+    s.add_argument("--seconds", type=_positive, default=60.0, help="training time (default 60)")
+    s.add_argument("--nan-at", type=_fraction, default=0.85, help="when to inject, as a fraction (default 0.85)")
+    s.add_argument("--db", default=None, help="SQLite file (default: a new temporary directory)")
+    s.add_argument("--keep-serving", action="store_true", help="keep the daemon up after training")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `trainguard` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except CliError as e:
+        print(f"trainguard {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

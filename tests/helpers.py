@@ -1,0 +1,109 @@
+"""Test helpers: HTTP getters, free ports, polling, and `trainguard serve` as a child process."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+
+DATA = Path(__file__).parent / "data"
+TRACES = DATA / "traces"
+ROOT = Path(__file__).parent.parent
+
+
+def http_json(url: str, timeout: float = 10.0) -> Any:
+    """GET a URL and decode its JSON body (raises urllib.error.HTTPError on 4xx/5xx)."""
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.load(r)
+
+
+def http_text(url: str, timeout: float = 10.0) -> str:
+    """GET a URL and return its body as text."""
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read().decode()
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond: Any, timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> Any:
+    """Poll `cond()` until it returns something truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class DaemonProcess:
+    """`trainguard serve` in a child process, on a fixed gRPC port so that clients can reconnect to a restart."""
+
+    def __init__(self, db: Path, workdir: Path, grpc_port: int | None = None, extra: list[str] | None = None):
+        self.db = db
+        self.workdir = workdir
+        self.grpc_port = grpc_port or free_port()
+        self.http_port = 0
+        self.extra = extra or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, timeout: float = 30.0) -> "DaemonProcess":
+        ready = self.workdir / f"ready-{self.starts}.json"
+        self.starts += 1
+        log = open(self.workdir / f"daemon-{self.starts}.log", "wb")
+        cmd = [sys.executable, "-m", "monitor", "serve", "--grpc-port", str(self.grpc_port), "--http-port", "0",
+               "--db", str(self.db), "--ready-file", str(ready)] + self.extra
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.log_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"daemon did not start in {timeout}s: {self.log_text()}")
+            time.sleep(0.05)
+        info = json.loads(ready.read_text())
+        self.http_port = info["http_port"]
+        return self
+
+    def log_text(self) -> str:
+        return (self.workdir / f"daemon-{self.starts}.log").read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no flush."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        """SIGTERM and wait for the graceful exit; returns the exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
