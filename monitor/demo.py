@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 import socket
 import sys
@@ -48,6 +49,8 @@ def run_demo(seconds: float = 60.0, nan_at: float = 0.85, db: str | None = None,
     import monitor
     from monitor.daemon.app import Daemon, DaemonConfig
 
+    # The demo prints each alert itself; the daemon's own log lines would repeat them mid-progress-bar.
+    logging.getLogger("trainguard").setLevel(logging.ERROR)
     torch.manual_seed(0)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     tty = out.isatty()
