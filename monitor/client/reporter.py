@@ -55,6 +55,7 @@ class ReporterStats:
     dropped: int
     rejected: int
     retries: int
+    invalid_values: int
     queue_depth: int
     batches_sent: int
     last_error: str | None
@@ -138,8 +139,10 @@ class Reporter:
         self._taken = 0
         self._sent = 0
         self._dropped = 0
+        self._dropped_unread = 0  # the part of _dropped that never left the log queue
         self._rejected = 0
         self._retries = 0
+        self._invalid_values = 0
         self._batches = 0
         self._backoff = 0.0
         self._retry_at = 0.0
@@ -210,6 +213,7 @@ class Reporter:
                 else:
                     with self._lock:
                         self._dropped += 1
+                        self._dropped_unread += 1
             q.append((kind, step, values, t or time.time(), fields))
             if kind == "train":
                 self._last_step = step
@@ -230,8 +234,9 @@ class Reporter:
         """A snapshot of the reporter's counters."""
         depth = len(self._q) + len(self._backlog) + (len(self._inflight[1]) if self._inflight else 0)
         return ReporterStats(
-            queued=self._taken + self._dropped + len(self._q), sent=self._sent, dropped=self._dropped,
-            rejected=self._rejected, retries=self._retries, queue_depth=depth, batches_sent=self._batches,
+            queued=self._taken + self._dropped_unread + len(self._q), sent=self._sent, dropped=self._dropped,
+            rejected=self._rejected, retries=self._retries, invalid_values=self._invalid_values,
+            queue_depth=depth, batches_sent=self._batches,
             last_error=self._last_error,
         )
 
@@ -319,18 +324,17 @@ class Reporter:
         recs: list[Record] = []
         run, rank = self.run, self.rank
         popleft = q.popleft
+        taken = 0
         while True:
             try:
                 kind, step, values, t, fields = popleft()
             except IndexError:
                 break
-            rec = Record(kind, run, t, rank, step, dict(values) if values else {})
-            if fields:
-                for k, v in fields.items():
-                    if k in ("world_size", "meta", "suite", "items", "status"):
-                        setattr(rec, k, v)
-            recs.append(rec)
-        self._taken += len(recs)
+            taken += 1
+            rec = self._to_record(kind, run, t, rank, step, values, fields)
+            if rec is not None:
+                recs.append(rec)
+        self._taken += taken
         if self._writer:
             try:
                 self._writer.write(recs)
@@ -347,6 +351,41 @@ class Reporter:
                 backlog.popleft()
             with self._lock:
                 self._dropped += over
+
+    def _to_record(self, kind: Any, run: str, t: Any, rank: int, step: Any, values: Any,
+                   fields: dict[str, Any] | None) -> Record | None:
+        # Values are read here, on the sender thread: a device tensor's copy to the host waits
+        # here, not in the training loop. Whatever cannot be read is dropped and counted.
+        vals: dict[str, float] = {}
+        if values:
+            try:
+                vals = {k: float(v) for k, v in values.items()}
+                if not all(type(k) is str for k in vals):
+                    raise TypeError("value names must be strings")
+            except Exception:  # noqa: BLE001 - anything a caller passed must not stop the sender
+                vals = {}
+                for k, v in dict(values).items():
+                    try:
+                        if type(k) is not str:
+                            raise TypeError
+                        vals[k] = float(v)
+                    except Exception:  # noqa: BLE001
+                        self._invalid_values += 1
+        try:
+            if type(kind) is not str:
+                raise TypeError("kind must be a string")
+            if step is not None and type(step) is not int:
+                step = int(step)
+            rec = Record(kind, run, float(t), rank, step, vals)
+        except Exception:  # noqa: BLE001
+            with self._lock:
+                self._rejected += 1
+            return None
+        if fields:
+            for k, v in fields.items():
+                if k in ("world_size", "meta", "suite", "items", "status"):
+                    setattr(rec, k, v)
+        return rec
 
     def _next_batch(self) -> tuple[int, list[Record], bytes] | None:
         from monitor import wire
@@ -457,6 +496,7 @@ class Reporter:
                     "client_dropped_total": s.dropped,
                     "client_rejected_total": s.rejected,
                     "client_retries_total": s.retries,
+                    "client_invalid_values_total": s.invalid_values,
                     "client_queue_depth": s.queue_depth,
                 })
             except Exception:  # noqa: BLE001

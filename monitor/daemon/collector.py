@@ -37,6 +37,8 @@ CLIENT_VALUES = (
     ("client_rejected_total", "trainguard_client_rejected_records_total",
      "Records the daemon refused from this client.", True),
     ("client_retries_total", "trainguard_client_retries_total", "Send attempts the client retried.", True),
+    ("client_invalid_values_total", "trainguard_client_invalid_values_total",
+     "Values the client could not read as numbers and dropped.", True),
     ("client_queue_depth", "trainguard_client_queue_depth", "Records waiting in the client's queue.", False),
 )
 _SEVERITY_RANK = {"info": 1, "warning": 2, "critical": 3}
