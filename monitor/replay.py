@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 import time
@@ -103,7 +104,15 @@ class _Sender:
                     time.sleep(backoff * random.uniform(0.5, 1.0))
                     backoff = min(2.0, backoff * 2)
                     continue
-                raise ReplayError(f"daemon at {self.run!r}: {code.name}: {e.details()}") from None
+                raise ReplayError(f"sending run {self.run!r} failed: {code.name}: {e.details()}") from None
+
+
+def _size_bound(rec: Record) -> int:
+    """An upper bound on a record's encoded size, to keep each batch under the daemon's 4 MiB limit."""
+    n = 64 + sum(4 * len(k) + 11 for k in rec.values) + 9 * len(rec.items or ())
+    if rec.meta is not None:
+        n += len(json.dumps(rec.meta, default=str))
+    return n + 4 * (len(rec.suite or "") + len(rec.status or ""))
 
 
 def replay(paths: Iterable[str], address: str, batch_size: int = 1000, timeout: float = 30.0,
@@ -134,6 +143,7 @@ def replay(paths: Iterable[str], address: str, batch_size: int = 1000, timeout: 
             senders: dict[str, _Sender] = {}
             batch: list[Record] = []
             lines: list[int] = []
+            batch_bytes = 0
 
             def flush() -> None:
                 if not batch:
@@ -164,8 +174,14 @@ def replay(paths: Iterable[str], address: str, batch_size: int = 1000, timeout: 
                     if len(res.line_errors) < keep_errors:
                         res.line_errors.append(item)
                     continue
-                if batch and (item.run != batch[0].run or len(batch) >= batch_size):
+                size = _size_bound(item)
+                # Records of up to 100,000 probe items are legal, so a count alone can overflow 4 MiB.
+                if batch and (item.run != batch[0].run or len(batch) >= batch_size
+                              or batch_bytes + size > wire.MAX_BATCH_BYTES // 2):
                     flush()
+                if not batch:
+                    batch_bytes = 0
+                batch_bytes += size
                 res.runs.add(item.run)
                 batch.append(item)
                 lines.append(lineno)

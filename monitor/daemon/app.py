@@ -80,6 +80,8 @@ class DaemonConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         section = data.get("daemon", data) if isinstance(data.get("daemon"), Mapping) else data
         extra = set(section) - known - {"daemon"}
+        if section is not data:  # beside [daemon], only [detectors] belongs at the top level
+            extra |= set(data) - {"daemon", "detectors"}
         if extra:
             raise ConfigError(f"{source}: unknown setting(s) {', '.join(sorted(extra))}; known: {', '.join(sorted(known))}")
         kwargs = {k: v for k, v in section.items() if k in known}

@@ -152,7 +152,9 @@ class HttpServer:
         self._srv = ThreadingHTTPServer((host, port), handler)
         self._srv.daemon_threads = True
         self.port = self._srv.server_address[1]
-        self._thread = threading.Thread(target=self._srv.serve_forever, name="trainguard-http", daemon=True)
+        # A short poll keeps close() quick; serve_forever's default 0.5 s wait is pure shutdown latency.
+        self._thread = threading.Thread(target=self._srv.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="trainguard-http", daemon=True)
 
     def start(self) -> None:
         """Serve on a background thread."""
