@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import json
 import logging
 import os
 import random
@@ -166,6 +167,18 @@ class Reporter:
         # first time it logs (DataLoader workers fork and never log: they cost nothing).
         was_started = self._started and not self._closed
         record_path = self.record_path
+        writer = self._writer
+        if writer is not None:
+            # The parent's buffered trace lines are copied into this process too; dropping the
+            # writer below closes it, which would append them to the parent's file a second time.
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                try:
+                    os.dup2(devnull, writer._f.fileno())
+                finally:
+                    os.close(devnull)
+            except (OSError, ValueError, AttributeError):
+                pass
         self._init_state()
         if record_path:
             root, ext = os.path.splitext(record_path)
@@ -264,7 +277,7 @@ class Reporter:
         """Flush (up to `timeout` seconds), stop the threads and release the connection."""
         if self._closed:
             return True
-        ok = self.flush(timeout) if self._started else True
+        ok = self.flush(timeout) if self._started else not self._pending()
         self._closed = True
         self._stop.set()
         self._wake.set()
@@ -345,7 +358,9 @@ class Reporter:
             return
         backlog = self._backlog
         backlog.extend(recs)
-        over = len(backlog) - self.max_queue
+        # The batch awaiting its acknowledgement counts too: max_queue bounds all that is held.
+        held = len(self._inflight[1]) if self._inflight else 0
+        over = min(len(backlog), len(backlog) + held - self.max_queue)
         if over > 0:
             for _ in range(over):
                 backlog.popleft()
@@ -364,7 +379,12 @@ class Reporter:
                     raise TypeError("value names must be strings")
             except Exception:  # noqa: BLE001 - anything a caller passed must not stop the sender
                 vals = {}
-                for k, v in dict(values).items():
+                try:
+                    pairs = list(dict(values).items())
+                except Exception:  # noqa: BLE001 - not a mapping at all: it counts as one bad value
+                    pairs = []
+                    self._invalid_values += 1
+                for k, v in pairs:
                     try:
                         if type(k) is not str:
                             raise TypeError
@@ -382,9 +402,14 @@ class Reporter:
                 self._rejected += 1
             return None
         if fields:
-            for k, v in fields.items():
-                if k in ("world_size", "meta", "suite", "items", "status"):
-                    setattr(rec, k, v)
+            try:
+                for k, v in fields.items():
+                    if k in ("world_size", "meta", "suite", "items", "status"):
+                        setattr(rec, k, _read_field(k, v))
+            except Exception:  # noqa: BLE001 - a field the wire cannot carry would wedge the sender
+                with self._lock:
+                    self._rejected += 1
+                return None
         return rec
 
     def _next_batch(self) -> tuple[int, list[Record], bytes] | None:
@@ -398,7 +423,12 @@ class Reporter:
             recs = [backlog[i] for i in range(n)]
             req = wire.ReportRequest(run=self.run, rank=self.rank, incarnation=self.incarnation,
                                      sequence=self._seq + 1, client=_CLIENT_NAME)
-            wire.encode_records(req, recs, self.rank)
+            try:
+                wire.encode_records(req, recs, self.rank)
+            except Exception:  # noqa: BLE001 - e.g. a step beyond int64: left in place it would wedge the sender
+                if not self._drop_unencodable(n):
+                    raise
+                return self._next_batch()
             payload = req.SerializeToString()
             if len(payload) <= wire.MAX_BATCH_BYTES or n == 1:
                 break
@@ -413,6 +443,28 @@ class Reporter:
             return self._next_batch()
         self._seq += 1
         return (self._seq, recs, payload)
+
+    def _drop_unencodable(self, n: int) -> int:
+        """Remove (and count) the records among the first `n` of the backlog that cannot be encoded."""
+        from monitor import wire
+
+        backlog = self._backlog
+        keep = []
+        bad = 0
+        for _ in range(min(n, len(backlog))):
+            rec = backlog.popleft()
+            try:
+                wire.encode_records(wire.ReportRequest(), [rec], self.rank)
+            except Exception:  # noqa: BLE001
+                bad += 1
+            else:
+                keep.append(rec)
+        backlog.extendleft(reversed(keep))
+        if bad:
+            with self._lock:
+                self._rejected += bad
+            self._warn(f"{bad} record(s) could not be encoded; dropped")
+        return bad
 
     def _ensure_channel(self) -> None:
         if self._call is not None:
@@ -501,6 +553,25 @@ class Reporter:
                 })
             except Exception:  # noqa: BLE001
                 pass
+
+
+def _read_field(name: str, v: Any) -> Any:
+    """A kind-specific field as the trace and the wire carry it; raises on one they cannot."""
+    if v is None:
+        return None
+    if name == "world_size":
+        n = int(v)
+        if type(v) is str or n != v:  # "2" or 2.5 is a caller's mistake, 2.0 or a 0-d tensor is fine
+            raise ValueError(f"world_size must be an integer, got {v!r}")
+        return n
+    if name == "items":
+        return [float(x) for x in v]
+    if name == "meta":
+        # Through JSON once, so that a dtype or a path in meta cannot break the trace writer later.
+        return json.loads(json.dumps(dict(v), default=str, allow_nan=True))
+    if type(v) is not str:
+        raise TypeError(f"{name} must be a string, got {type(v).__name__}")
+    return v
 
 
 def _client_name() -> str:
