@@ -141,6 +141,7 @@ class Reporter:
         self._sent = 0
         self._dropped = 0
         self._dropped_unread = 0  # the part of _dropped that never left the log queue
+        self._queued_seen = 0
         self._rejected = 0
         self._retries = 0
         self._invalid_values = 0
@@ -246,8 +247,12 @@ class Reporter:
     def stats(self) -> ReporterStats:
         """A snapshot of the reporter's counters."""
         depth = len(self._q) + len(self._backlog) + (len(self._inflight[1]) if self._inflight else 0)
+        # Read while the sender drains, a record can sit between the queue and the taken count for
+        # a moment; the high-water mark keeps the exported counter from ever going backwards.
+        queued = max(self._queued_seen, self._taken + self._dropped_unread + len(self._q))
+        self._queued_seen = queued
         return ReporterStats(
-            queued=self._taken + self._dropped_unread + len(self._q), sent=self._sent, dropped=self._dropped,
+            queued=queued, sent=self._sent, dropped=self._dropped,
             rejected=self._rejected, retries=self._retries, invalid_values=self._invalid_values,
             queue_depth=depth, batches_sent=self._batches,
             last_error=self._last_error,
