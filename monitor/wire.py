@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -14,7 +16,9 @@ from monitor.records import (
     KINDS,
     MAX_META_BYTES,
     MAX_RANK,
+    MAX_STEP,
     MAX_VALUES,
+    STEP_REQUIRED,
     InvalidRecord,
     Record,
     check_name,
@@ -178,6 +182,33 @@ def _lenient_request_class() -> Any:
 _LenientRequest = _lenient_request_class()
 
 
+def _raw_request_class() -> Any:
+    """A twin of ReportRequest whose records stay bytes: each record's own encoding, unparsed.
+
+    Same field numbers and wire types, so it reads the same bytes. The header is parsed and its
+    text checked as usual; each record can then be matched against a known layout or parsed alone.
+    """
+    fdp = descriptor_pb2.FileDescriptorProto()
+    pb.DESCRIPTOR.CopyToProto(fdp)
+    fdp.name = "trainguard/v1/telemetry_raw.proto"
+    fdp.package = "trainguard.v1.raw"
+    del fdp.service[:]
+    keep = [m for m in fdp.message_type if m.name == "ReportRequest"]
+    del fdp.message_type[:]
+    for m in keep:
+        for f in m.field:
+            if f.type_name == ".trainguard.v1.Record":
+                f.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
+                f.ClearField("type_name")
+        fdp.message_type.add().CopyFrom(m)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("trainguard.v1.raw.ReportRequest"))
+
+
+_RawRequest = _raw_request_class()
+
+
 def _text(v: Any, field: str) -> str:
     if isinstance(v, bytes):
         try:
@@ -255,10 +286,167 @@ def _decode_record(r: Any, i: int, batch_rank: int, run: str, lenient: bool) -> 
     return rec
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _varint_value(b: bytes) -> int:
+    n = 0
+    shift = 0
+    for byte in b:
+        n |= (byte & 0x7F) << shift
+        shift += 7
+    return n
+
+
+# Kinds whose records carry nothing beyond kind, step, t, names and values. Their lengths differ,
+# so the kind's length byte (the second byte of a record) picks the candidate layouts.
+_SHAPE_KINDS = ("train", "eval", "system", "heartbeat")
+_SHAPES_PER_KIND = 8
+_unpack_t = struct.Struct("<d").unpack
+
+
+class _Shape:
+    """One record layout: a kind and its value names, matched whole by one anchored expression.
+
+    Protobuf encoders write fields in field-number order: kind, step (optional), t, each name,
+    then the values packed. With the names fixed, all of that is a constant except the step, the
+    time and the values, so the expression matches the whole record in C and captures just those.
+    A record with any other field, another order, unpacked values or other names does not match.
+    """
+
+    __slots__ = ("match", "unpack", "names", "kind")
+
+    def __init__(self, kind: str, names: tuple[str, ...]):
+        kb = kind.encode()
+        n = len(names)
+        head = re.escape(b"\x0a" + _varint(len(kb)) + kb)
+        body = re.escape(b"".join(b"\x22" + _varint(len(nb)) + nb for nb in (x.encode() for x in names)))
+        vals = re.escape(b"\x2a" + _varint(8 * n)) + b"(.{%d})" % (8 * n) if n else b"()"
+        # At most 9 step bytes: 0 <= step < 2^63. A negative step (10 bytes) goes the slow way.
+        self.match = re.compile(head + rb"(?:\x10([\x80-\xff]{0,8}[\x00-\x7f]))?\x19(.{8})" + body + vals,
+                                re.S).fullmatch
+        self.unpack = struct.Struct(f"<{n}d").unpack
+        self.names = names
+        self.kind = kind
+
+
+class _Shapes:
+    """Layouts learnt from records the slow way decoded; a few per kind, most recently used first.
+
+    A layout is learnt on its third sighting, so that a client whose names change every record
+    does not pay to compile an expression per record. Lists are replaced, never changed in place,
+    so readers on other threads always see a whole list.
+    """
+
+    def __init__(self) -> None:
+        self.by_len: dict[int, list[_Shape]] = {}
+        self._seen: dict[tuple[str, tuple[str, ...]], int] = {}
+
+    def learn(self, r: Any, rec: Record) -> None:
+        """Count the layout of a record decoded the slow way; remember it once it recurs."""
+        kind = rec.kind
+        if kind not in _SHAPE_KINDS or r.HasField("rank") or r.world_size or r.suite or r.meta_json \
+                or r.status or len(r.items):
+            return
+        key = (kind, tuple(r.names))
+        seen = self._seen
+        n = seen.get(key, 0) + 1
+        if n < 3:
+            if len(seen) >= 4096:
+                seen.clear()
+            seen[key] = n
+            return
+        seen.pop(key, None)
+        k = len(kind)
+        shapes = self.by_len.get(k, [])
+        if any(s.kind == kind and s.names == key[1] for s in shapes):
+            return
+        self.by_len[k] = [_Shape(kind, key[1])] + shapes[:_SHAPES_PER_KIND - 1]
+
+    def promote(self, k: int, shape: _Shape) -> None:
+        """Move a layout to the front of its kind's list."""
+        shapes = self.by_len.get(k, [])
+        self.by_len[k] = [shape] + [s for s in shapes if s is not shape]
+
+
+_shapes = _Shapes()
+
+
 def decode_batch(data: bytes, max_bytes: int = MAX_BATCH_BYTES) -> Batch:
     """Parse and validate one batch; raise InvalidBatch if the batch as a whole is unusable."""
     if len(data) > max_bytes:
         raise InvalidBatch("batch", f"{len(data)} bytes, the limit is {max_bytes} bytes (4 MiB); send smaller batches")
+    # The common case, fast: a well-formed batch with a good header. Records in a learnt layout
+    # are decoded straight from their bytes, others are parsed one at a time. Anything unusual
+    # (not protobuf, text that is not UTF-8, a bad header) goes the full way, which gives the same
+    # answer and the same error messages.
+    try:
+        req = _RawRequest.FromString(data)
+    except DecodeError:
+        return _decode_batch_full(data)
+    run = req.run
+    rank = req.rank
+    incarnation = req.incarnation
+    sequence = req.sequence
+    try:
+        check_run_id(run)
+    except InvalidRecord:
+        return _decode_batch_full(data)
+    if rank >= MAX_RANK or not incarnation or len(incarnation) > MAX_INCARNATION_CHARS or sequence == 0:
+        return _decode_batch_full(data)
+    raws = req.records
+    records: list[Record] = []
+    rejections: list[Rejection] = []
+    append = records.append
+    by_len = _shapes.by_len
+    for i, raw in enumerate(raws):
+        rec = None
+        shapes = by_len.get(raw[1]) if len(raw) > 8 and raw[0] == 0x0A else None
+        if shapes:
+            for shape in shapes:
+                m = shape.match(raw)
+                if m is None:
+                    continue
+                sb, tb, vb = m.groups()
+                t = _unpack_t(tb)[0]
+                if sb is None:
+                    step = None
+                elif len(sb) == 1:
+                    step = sb[0]
+                elif len(sb) == 2:
+                    step = (sb[0] & 0x7F) | (sb[1] << 7)
+                else:
+                    step = _varint_value(sb)
+                kind = shape.kind
+                # Out-of-range values go the slow way, which names the field.
+                if 0.0 < t < 1e11 and (step <= MAX_STEP if step is not None else kind not in STEP_REQUIRED):
+                    rec = Record(kind, run, t, rank, step, dict(zip(shape.names, shape.unpack(vb))))
+                    if shape is not shapes[0]:
+                        _shapes.promote(raw[1], shape)
+                break
+        if rec is None:
+            try:
+                r = pb.Record.FromString(raw)
+            except DecodeError:
+                return _decode_batch_full(data)
+            try:
+                rec = _decode_record(r, i, rank, run, False)
+            except InvalidRecord as e:
+                rejections.append(Rejection(i, e.field, e.reason))
+                continue
+            _shapes.learn(r, rec)
+        append(rec)
+    return Batch(run, rank, incarnation, sequence, req.client[:128], records, rejections, len(raws), False)
+
+
+def _decode_batch_full(data: bytes) -> Batch:
+    """decode_batch for any input: the whole message parsed at once, with the lenient fallback."""
     lenient = False
     try:
         req = pb.ReportRequest.FromString(data)
