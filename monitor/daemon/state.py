@@ -11,8 +11,10 @@ import math
 import threading
 import time
 from array import array
+from itertools import groupby
+from operator import attrgetter, itemgetter, methodcaller
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from monitor.records import Record
 
@@ -23,6 +25,10 @@ WINDOW_SERIES = (
     "tokens", "host_rss_bytes", "gpu_memory_allocated_bytes", "gpu_memory_reserved_bytes",
 )
 END_SEVERITY = {"completed": 0, "stopped": 1, "failed": 2}
+_WINDOW_GETTERS = tuple((name, methodcaller("get", name)) for name in WINDOW_SERIES)
+_T, _STEP, _VALUES, _KIND = attrgetter("t"), attrgetter("step"), attrgetter("values"), attrgetter("kind")
+# Records whose points wait to reach a rank's windows; past this many they are folded in at once.
+FOLD_AT = 512
 
 
 class Ring:
@@ -48,6 +54,36 @@ class Ring:
         if self.n < self.cap:
             self.n += 1
 
+    def extend(self, ts: Sequence[float], steps: Sequence[float], vs: Sequence[float]) -> None:
+        """Add points in order from parallel lists, as that many append() calls would."""
+        k = len(vs)
+        if not k:
+            return
+        cap = self.cap
+        if k >= cap:
+            self._t[:] = array("d", ts[k - cap:])
+            self._s[:] = array("d", steps[k - cap:])
+            self._v[:] = array("d", vs[k - cap:])
+            self._i = 0
+            self.n = cap
+            return
+        at, ast, av = array("d", ts), array("d", steps), array("d", vs)
+        i = self._i
+        room = cap - i
+        if k <= room:
+            self._t[i:i + k] = at
+            self._s[i:i + k] = ast
+            self._v[i:i + k] = av
+        else:
+            self._t[i:] = at[:room]
+            self._s[i:] = ast[:room]
+            self._v[i:] = av[:room]
+            self._t[:k - room] = at[room:]
+            self._s[:k - room] = ast[room:]
+            self._v[:k - room] = av[room:]
+        self._i = (i + k) % cap
+        self.n = min(cap, self.n + k)
+
     def _order(self) -> Iterable[int]:
         start = (self._i - self.n) % self.cap
         return ((start + k) % self.cap for k in range(self.n))
@@ -69,34 +105,51 @@ class Ring:
 
 
 class RankState:
-    """What the daemon knows about one rank of one run."""
+    """What the daemon knows about one rank of one run.
 
-    __slots__ = ("rank", "last_t", "last_recv", "last_step", "heartbeat_step", "latest", "windows",
-                 "records", "status", "client", "window_cap", "host")
+    Window points are not written one record at a time: the records wait in a list and reach
+    the windows together, a column at a time, when the list grows long, when the run settles
+    after a batch, or when anything reads `windows`. Readers see exactly what appending one point
+    per record would have given; the ingest path saves most of its per-record work.
+    """
 
-    def __init__(self, rank: int, window_cap: int):
+    __slots__ = ("rank", "last_t", "last_recv", "last_step", "heartbeat_step", "latest", "_windows",
+                 "records", "status", "client", "window_cap", "host", "_unfolded", "_dirty")
+
+    def __init__(self, rank: int, window_cap: int, dirty: list["RankState"] | None = None):
         self.rank = rank
         self.last_t = 0.0
         self.last_recv = 0.0
         self.last_step: int | None = None
         self.heartbeat_step: int | None = None
         self.latest: dict[str, dict[str, float]] = {}
-        self.windows: dict[str, Ring] = {}
+        self._windows: dict[str, Ring] = {}
         self.records = 0
         self.status: str | None = None
         self.client: dict[str, float] = {}
         self.window_cap = window_cap
+        self._unfolded: list[Record] = []
+        self._dirty = dirty  # the run's list of ranks with unfolded records, so it can settle them
+
+    @property
+    def windows(self) -> dict[str, Ring]:
+        """Per-series windows (WINDOW_SERIES), up to date with every record observed."""
+        if self._unfolded:
+            self.fold()
+        return self._windows
 
     def observe(self, rec: Record) -> None:
         """Fold one record into the rank's state."""
         self.records += 1
-        if rec.t > self.last_t:
-            self.last_t = rec.t
+        t = rec.t
+        if t > self.last_t:
+            self.last_t = t
         kind = rec.kind
         vals = rec.values
         if kind == "train":
-            if rec.step is not None and (self.last_step is None or rec.step >= self.last_step):
-                self.last_step = rec.step
+            step = rec.step
+            if step is not None and (self.last_step is None or step >= self.last_step):
+                self.last_step = step
             self._keep(kind, rec, vals)
         elif kind == "system" or kind == "eval":
             self._keep(kind, rec, vals)
@@ -118,15 +171,75 @@ class RankState:
         latest.update(vals)
         if kind == "eval" or not vals:
             return
-        windows = self.windows
-        step = float(rec.step) if rec.step is not None else math.nan
-        for name in WINDOW_SERIES:
-            v = vals.get(name)
-            if v is not None:
-                w = windows.get(name)
-                if w is None:
-                    w = windows[name] = Ring(self.window_cap)
-                w.append(rec.t, step, v)
+        pending = self._unfolded
+        if not pending and self._dirty is not None:
+            self._dirty.append(self)
+        pending.append(rec)
+        if len(pending) >= FOLD_AT:
+            self.fold()
+
+    def fold(self) -> None:
+        """Write the points of the records observed so far into the windows, in order."""
+        recs = self._unfolded
+        if not recs:
+            return
+        self._unfolded = []
+        # Usually every record carries the same window series: one column per series, taken in C.
+        # Otherwise runs of one kind usually do; and failing that, series by series. Each way
+        # appends every series' points in record order.
+        try:
+            self._fold_uniform(recs)
+        except KeyError:
+            for _kind, group in groupby(recs, _KIND):
+                run = list(group)
+                try:
+                    self._fold_uniform(run)
+                except KeyError:
+                    self._fold_mixed(run)
+
+    def _columns(self, recs: list[Record]) -> tuple[list[float], list[float]]:
+        ts = list(map(_T, recs))
+        steps = list(map(_STEP, recs))
+        if None in steps:
+            steps = [math.nan if s is None else s for s in steps]
+        return ts, steps
+
+    def _ring(self, name: str) -> Ring:
+        w = self._windows.get(name)
+        if w is None:
+            w = self._windows[name] = Ring(self.window_cap)
+        return w
+
+    def _fold_uniform(self, recs: list[Record]) -> None:
+        """Fold records that all carry the same window series; KeyError (before any change) if not."""
+        vals = list(map(_VALUES, recs))
+        present = set().union(*vals)
+        names = [name for name in WINDOW_SERIES if name in present]
+        if not names:
+            return
+        rows = list(map(itemgetter(*names), vals))
+        ts, steps = self._columns(recs)
+        cols = zip(*rows) if len(names) > 1 else (rows,)
+        for name, col in zip(names, cols):
+            self._ring(name).extend(ts, steps, col)
+
+    def _fold_mixed(self, recs: list[Record]) -> None:
+        """Fold records with differing series, one series at a time."""
+        vals = list(map(_VALUES, recs))
+        cols: tuple[list[float], list[float]] | None = None
+        for name, get in _WINDOW_GETTERS:
+            vs = list(map(get, vals))
+            missing = vs.count(None)
+            if missing == len(vs):
+                continue
+            if cols is None:
+                cols = self._columns(recs)
+            ts, steps = cols
+            if missing:
+                keep = [i for i, v in enumerate(vs) if v is not None]
+                self._ring(name).extend([ts[i] for i in keep], [steps[i] for i in keep], [vs[i] for i in keep])
+            else:
+                self._ring(name).extend(ts, steps, vs)
 
     def value(self, kind: str, name: str) -> float | None:
         """The latest value of `name` among records of `kind`."""
@@ -162,22 +275,33 @@ class RunState:
         self.seqs: dict[tuple[int, str], int] = {}  # (rank, incarnation) -> last applied batch
         self.detectors: list[Any] = []
         self.run_status: str | None = None  # set once every reporting rank sent `end`
+        self._unsettled: list[RankState] = []
 
     def rank(self, r: int) -> RankState:
         """The state of rank `r`, created on first sight."""
         st = self.ranks.get(r)
         if st is None:
-            st = self.ranks[r] = RankState(r, self.window_cap)
+            st = self.ranks[r] = RankState(r, self.window_cap, self._unsettled)
         return st
+
+    def settle(self) -> None:
+        """Bring every rank's windows up to date (after a batch, so that no records linger)."""
+        dirty = self._unsettled
+        while dirty:
+            dirty.pop().fold()
 
     def observe(self, rec: Record, recv: float) -> None:
         """Fold one record into the run."""
         self.records += 1
-        if rec.t > self.clock:
-            self.clock = rec.t
-        if self.first_t is None or rec.t < self.first_t:
-            self.first_t = rec.t
-        rs = self.rank(rec.rank)
+        t = rec.t
+        if t > self.clock:
+            self.clock = t
+        first = self.first_t
+        if first is None or t < first:
+            self.first_t = t
+        rs = self.ranks.get(rec.rank)
+        if rs is None:
+            rs = self.rank(rec.rank)
         rs.last_recv = recv
         rs.observe(rec)
         if rec.kind == "run":
