@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import operator
 import re
 import threading
 import time
@@ -19,6 +20,7 @@ from monitor.records import Record
 from monitor.wire import Batch
 
 log = logging.getLogger("trainguard.ingest")
+_KIND = operator.attrgetter("kind")
 _INDEX = re.compile(r"\[\d+\]")
 
 
@@ -56,14 +58,17 @@ class Ingest:
             with st.lock:
                 if not st.detectors:
                     st.detectors = build_detectors(self.detector_config)
+                # A run can have stored batches but no saved summary (a crash before the first
+                # save): the stored sequence numbers still tell a resend from new data.
+                for key, seq in self.store.max_sequences(run).items():
+                    if seq > st.seqs.get(key, 0):
+                        st.seqs[key] = seq
         return st
 
     # -- the hot path ------------------------------------------------------------------------------
 
     def handle(self, batch: Batch, raw: bytes) -> bool:
         """Store and apply one batch; return True if it had been applied before (a resend)."""
-        for rj in batch.rejections:
-            self.rejected_records[field_label(rj.field)] += 1
         st = self.run_state(batch.run)
         key = (batch.rank, batch.incarnation)
         pkey = (batch.run, batch.rank, batch.incarnation)
@@ -103,6 +108,9 @@ class Ingest:
             st.seqs[key] = max(st.seqs.get(key, 0), batch.sequence)
             findings = self._apply(st, batch.records, detect=True)
         self.batches += 1
+        # Counted with the batch it belongs to, so that a resend does not count its refusals twice.
+        for rj in batch.rejections:
+            self.rejected_records[field_label(rj.field)] += 1
         if findings:
             self.alerts.apply(batch.run, findings)
         return False
@@ -113,18 +121,23 @@ class Ingest:
         st.last_recv = recv
         findings: list[Finding] = []
         dispatch = self._dispatch(st) if detect else {}
-        counts = self.records_by_kind
+        if not isinstance(records, list):
+            records = list(records)
+        observe = st.observe
         for rec in records:
-            st.observe(rec, recv)
-            counts[rec.kind] += 1
-            for det in dispatch.get(rec.kind, ()):
-                try:
-                    out = det.update(rec, st)
-                except Exception as e:  # noqa: BLE001 - one broken detector must not stop ingest
-                    self._detector_failed(det, e)
-                    continue
-                if out:
-                    findings.extend(out)
+            observe(rec, recv)
+            dets = dispatch.get(rec.kind)
+            if dets:
+                for det in dets:
+                    try:
+                        out = det.update(rec, st)
+                    except Exception as e:  # noqa: BLE001 - one broken detector must not stop ingest
+                        self._detector_failed(det, e)
+                        continue
+                    if out:
+                        findings.extend(out)
+        st.settle()
+        self.records_by_kind.update(map(_KIND, records))
         if detect:
             for det in st.detectors:
                 try:
