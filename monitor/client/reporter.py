@@ -80,7 +80,7 @@ class Reporter:
         record_path: str | None = None,
         max_queue: int = 100_000,
         batch_size: int = 1000,
-        flush_interval: float = 0.2,
+        flush_interval: float = 0.1,
         heartbeat_interval: float = 1.0,
         timeout: float = 10.0,
         max_backoff: float = 5.0,
