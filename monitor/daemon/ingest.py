@@ -51,8 +51,8 @@ class Ingest:
 
     # -- runs --------------------------------------------------------------------------------------
 
-    def run_state(self, run: str) -> RunState:
-        """The run's state; a new run gets its own detectors."""
+    def run_state(self, run: str, persist_new: bool = False) -> RunState:
+        """The run's state; a new run gets its own detectors (and, with persist_new, a row in the store)."""
         st, created = self.registry.get_or_create(run)
         if created:
             with st.lock:
@@ -63,13 +63,17 @@ class Ingest:
                 for key, seq in self.store.max_sequences(run).items():
                     if seq > st.seqs.get(key, 0):
                         st.seqs[key] = seq
+            if persist_new:
+                # Queued before the run's first batch on the one writer thread, so a crash at any
+                # moment after that batch is acknowledged still finds the run to restore.
+                self.store.put_run(self.snapshot_run(st))
         return st
 
     # -- the hot path ------------------------------------------------------------------------------
 
     def handle(self, batch: Batch, raw: bytes) -> bool:
         """Store and apply one batch; return True if it had been applied before (a resend)."""
-        st = self.run_state(batch.run)
+        st = self.run_state(batch.run, persist_new=True)
         key = (batch.rank, batch.incarnation)
         pkey = (batch.run, batch.rank, batch.incarnation)
         with st.lock:
