@@ -37,21 +37,9 @@ TARGET_PCT = 2.0
 
 
 def _model() -> Any:
-    import torch
-    from torch import nn
+    from monitor.demo import build_tiny_lm
 
-    class TinyLM(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb = nn.Embedding(256, 64)
-            self.rnn = nn.GRU(64, 128, batch_first=True)
-            self.head = nn.Linear(128, 256)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h, _ = self.rnn(self.emb(x))
-            return self.head(h)
-
-    return TinyLM()
+    return build_tiny_lm()
 
 
 def _batches(n: int, batch: int, ctx: int) -> list[tuple[Any, Any]]:

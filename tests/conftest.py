@@ -49,3 +49,12 @@ def _no_env_leaks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests set their own addresses; a developer's environment must not steer them."""
     for var in ("TRAINGUARD_ADDRESS", "TRAINGUARD_RUN", "TRAINGUARD_RECORD", "TORCHELASTIC_RUN_ID", "RANK"):
         monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def reporters() -> Iterator[list[Any]]:
+    """Reporters a test made; closed quickly afterwards, so that a failed test leaves none to wait at exit."""
+    made: list[Any] = []
+    yield made
+    for rep in made:
+        rep.close(timeout=0.5)

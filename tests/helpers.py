@@ -107,3 +107,22 @@ class DaemonProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+MetricSamples = dict  # (sample name, frozenset of label pairs) -> value
+
+
+def metrics(d: Any) -> MetricSamples:
+    """Every sample of a daemon's /metrics, keyed by (sample name, labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(http_text(d.http_url + "/metrics")):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def sample(m: MetricSamples, name: str, **labels: str) -> float | None:
+    """One sample's value from metrics(), or None."""
+    return m.get((name, frozenset(labels.items())))

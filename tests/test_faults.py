@@ -7,11 +7,10 @@ import signal
 import statistics
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import grpc
 import psutil
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from monitor import wire
@@ -36,14 +35,6 @@ def train_steps(db: Any, run: str) -> list[int]:
 def runs_by_name(url: str) -> dict[str, Any]:
     return {r["run"]: r for r in http_json(url + "/api/v1/runs")["runs"]}
 
-
-@pytest.fixture
-def reporters() -> Iterator[list[Reporter]]:
-    """Reporters a test made; closed quickly afterwards, so that a failed test leaves none to wait at exit."""
-    made: list[Reporter] = []
-    yield made
-    for rep in made:
-        rep.close(timeout=0.5)
 
 
 def invariant_holds(rep: Reporter) -> bool:

@@ -10,7 +10,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -56,14 +56,6 @@ def absent_address() -> tuple[int, str]:
     port = free_port()
     return port, f"127.0.0.1:{port}"
 
-
-@pytest.fixture
-def reporters() -> Iterator[list[Reporter]]:
-    """Reporters a test made; closed quickly afterwards so that none waits at interpreter exit."""
-    made: list[Reporter] = []
-    yield made
-    for rep in made:
-        rep.close(timeout=0.5)
 
 
 def make(reporters: list[Reporter], **kw: Any) -> Reporter:

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from monitor import __version__, wire
 from monitor.records import Record
-from tests.helpers import http_json, http_text
+from tests.helpers import http_json, http_text, metrics, sample
 
 T0 = 1_700_000_000.0
 RUN_KEYS = {"run", "world_size", "ranks_reporting", "last_step", "last_seen", "status", "health"}
@@ -43,16 +43,6 @@ def _http_error(url: str) -> tuple[int, Any]:
     return e.value.code, json.load(e.value)
 
 
-def metrics(d: Any) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    out = {}
-    for fam in text_string_to_metric_families(http_text(d.http_url + "/metrics")):
-        for s in fam.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
-def sample(m: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float | None:
-    return m.get((name, frozenset(labels.items())))
 
 
 def _two_rank_run(run: str) -> list[Record]:

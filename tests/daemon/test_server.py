@@ -9,26 +9,14 @@ from typing import Any, Iterator
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from monitor import wire
 from monitor.records import Record
-from tests.helpers import http_json, http_text
+from tests.helpers import http_json, metrics, sample
 
 T0 = 1_700_000_000.0
 
 
-def metrics(d: Any) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Every sample of /metrics, keyed by (sample name, labels)."""
-    out = {}
-    for fam in text_string_to_metric_families(http_text(d.http_url + "/metrics")):
-        for s in fam.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
-def sample(m: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float | None:
-    return m.get((name, frozenset(labels.items())))
 
 
 class Client:
