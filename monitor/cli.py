@@ -94,6 +94,9 @@ def _api(url: str, path: str) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     from monitor.daemon.app import ConfigError, Daemon, DaemonConfig, load_config_file
 
+    # The daemon's threads take turns on one interpreter lock; a 1 ms turn (instead of 5 ms) lets a
+    # small, fresh batch through quickly while big ones are being applied.
+    sys.setswitchinterval(0.001)
     try:
         cfg = DaemonConfig.from_mapping(load_config_file(args.config), args.config) if args.config else DaemonConfig()
         for name in ("host", "grpc_port", "http_port", "db"):

@@ -40,7 +40,7 @@ class DaemonConfig:
     grpc_port: int = 9751
     http_port: int = 9750
     db: str = "./trainguard.db"
-    grpc_workers: int = 16
+    grpc_workers: int = 64  # enough that a small batch never queues behind busy workers
     window: int = 256  # points kept per series per rank
     rank_silent_after: float = 30.0  # event seconds without a record before a rank stops counting as reporting
     expire_finished_after: float = 3600.0  # daemon seconds a finished run stays live

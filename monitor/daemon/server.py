@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 
 from monitor import wire
-from monitor.daemon.ingest import Ingest, field_label
+from monitor.daemon.ingest import BULK_BYTES, BULK_RECORDS, Ingest, field_label
 from monitor.daemon.store import StoreError
 
 log = logging.getLogger("trainguard.server")
@@ -24,7 +24,8 @@ class TelemetryServicer:
     def report(self, request: bytes, context: Any) -> bytes:
         """Handle one Report call."""
         try:
-            batch = wire.decode_batch(request)
+            with self.ingest.lane(BULK_RECORDS if len(request) >= BULK_BYTES else 0):
+                batch = wire.decode_batch(request)
         except wire.InvalidBatch as e:
             self.ingest.rejected_batches[field_label(e.field)] += 1
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{e.field}: {e.reason}")
