@@ -153,60 +153,42 @@ def encode_response(ack: int, accepted: int, rejections: Sequence[Rejection], du
 # Decoding (daemon)
 
 
-def _lenient_request_class() -> Any:
-    """A twin of ReportRequest whose text fields are bytes: it parses a batch with non-UTF-8 text.
+def _twin_request_class(package: str, records_as_bytes: bool) -> Any:
+    """A twin of ReportRequest with the same field numbers and wire types, so it reads the same bytes.
 
-    proto3 refuses a whole message when one string is not UTF-8. The twin has the same field
-    numbers and wire types, so it reads the same bytes, and each record's text can be checked on
-    its own: the good records of the batch are kept and the bad one is named.
+    Lenient twin (records_as_bytes=False): every text field is bytes. proto3 refuses a whole message
+    when one string is not UTF-8; with the twin each record's text is checked on its own, so the
+    good records of the batch are kept and the bad one is named.
+
+    Raw twin (records_as_bytes=True): each record stays its own unparsed encoding. The header is
+    parsed and checked as usual; each record can then be matched against a known layout or parsed alone.
     """
     fdp = descriptor_pb2.FileDescriptorProto()
     pb.DESCRIPTOR.CopyToProto(fdp)
-    fdp.name = "trainguard/v1/telemetry_lenient.proto"
-    fdp.package = "trainguard.v1.lenient"
+    fdp.name = f"trainguard/v1/telemetry_{package}.proto"
+    fdp.package = f"trainguard.v1.{package}"
     del fdp.service[:]
-    keep = [m for m in fdp.message_type if m.name in ("ReportRequest", "Record")]
-    del fdp.message_type[:]
-    for m in keep:
-        for f in m.field:
-            if f.type == descriptor_pb2.FieldDescriptorProto.TYPE_STRING:
-                f.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
-            if f.type_name == ".trainguard.v1.Record":
-                f.type_name = ".trainguard.v1.lenient.Record"
-        fdp.message_type.add().CopyFrom(m)
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(fdp)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("trainguard.v1.lenient.ReportRequest"))
-
-
-_LenientRequest = _lenient_request_class()
-
-
-def _raw_request_class() -> Any:
-    """A twin of ReportRequest whose records stay bytes: each record's own encoding, unparsed.
-
-    Same field numbers and wire types, so it reads the same bytes. The header is parsed and its
-    text checked as usual; each record can then be matched against a known layout or parsed alone.
-    """
-    fdp = descriptor_pb2.FileDescriptorProto()
-    pb.DESCRIPTOR.CopyToProto(fdp)
-    fdp.name = "trainguard/v1/telemetry_raw.proto"
-    fdp.package = "trainguard.v1.raw"
-    del fdp.service[:]
-    keep = [m for m in fdp.message_type if m.name == "ReportRequest"]
+    wanted = ("ReportRequest",) if records_as_bytes else ("ReportRequest", "Record")
+    keep = [m for m in fdp.message_type if m.name in wanted]
     del fdp.message_type[:]
     for m in keep:
         for f in m.field:
             if f.type_name == ".trainguard.v1.Record":
+                if records_as_bytes:
+                    f.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
+                    f.ClearField("type_name")
+                else:
+                    f.type_name = f".trainguard.v1.{package}.Record"
+            elif f.type == descriptor_pb2.FieldDescriptorProto.TYPE_STRING and not records_as_bytes:
                 f.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
-                f.ClearField("type_name")
         fdp.message_type.add().CopyFrom(m)
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("trainguard.v1.raw.ReportRequest"))
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"trainguard.v1.{package}.ReportRequest"))
 
 
-_RawRequest = _raw_request_class()
+_LenientRequest = _twin_request_class("lenient", records_as_bytes=False)
+_RawRequest = _twin_request_class("raw", records_as_bytes=True)
 
 
 def _text(v: Any, field: str) -> str:

@@ -18,7 +18,7 @@ from monitor.daemon.detectors.base import Finding
 from monitor.daemon.state import Registry, RunState
 from monitor.daemon.store import Store, StoreError
 from monitor.records import Record
-from monitor.wire import Batch
+from monitor.wire import Batch, reencode_kept
 
 log = logging.getLogger("trainguard.ingest")
 _KIND = operator.attrgetter("kind")
@@ -63,7 +63,7 @@ class Ingest:
         if created:
             with st.lock:
                 if not st.detectors:
-                    st.detectors = build_detectors(self.detector_config)
+                    st.set_detectors(build_detectors(self.detector_config))
                 # A run can have stored batches but no saved summary (a crash before the first
                 # save): the stored sequence numbers still tell a resend from new data.
                 for key, seq in self.store.max_sequences(run).items():
@@ -102,8 +102,6 @@ class Ingest:
                 fut, own = pending[1], False
             else:
                 if batch.rejections:
-                    from monitor.wire import reencode_kept
-
                     raw = reencode_kept(batch)
                 t_min, t_max = batch.t_range
                 fut = self.store.put_batch(batch.run, batch.rank, batch.incarnation, batch.sequence,
@@ -141,7 +139,7 @@ class Ingest:
         recv = time.monotonic()
         st.last_recv = recv
         findings: list[Finding] = []
-        dispatch = self._dispatch(st) if detect else {}
+        dispatch = st.dispatch if detect else {}
         if not isinstance(records, list):
             records = list(records)
         observe = st.observe
@@ -169,17 +167,6 @@ class Ingest:
                 if out:
                     findings.extend(out)
         return findings
-
-    def _dispatch(self, st: RunState) -> dict[str, list[Any]]:
-        table = getattr(st, "_dispatch", None)
-        if table is None or getattr(st, "_dispatch_n", -1) != len(st.detectors):
-            table = collections.defaultdict(list)
-            for det in st.detectors:
-                for kind in det.kinds:
-                    table[kind].append(det)
-            st._dispatch = dict(table)  # type: ignore[attr-defined]
-            st._dispatch_n = len(st.detectors)  # type: ignore[attr-defined]
-        return st._dispatch  # type: ignore[attr-defined]
 
     def _detector_failed(self, det: Any, e: Exception) -> None:
         self.detector_errors[det.name] += 1

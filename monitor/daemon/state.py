@@ -274,8 +274,17 @@ class RunState:
         self.records = 0
         self.seqs: dict[tuple[int, str], int] = {}  # (rank, incarnation) -> last applied batch
         self.detectors: list[Any] = []
+        self.dispatch: dict[str, list[Any]] = {}  # record kind -> the detectors that read it
         self.run_status: str | None = None  # set once every reporting rank sent `end`
         self._unsettled: list[RankState] = []
+
+    def set_detectors(self, detectors: list[Any]) -> None:
+        """Install the run's detectors and index them by the record kinds they read."""
+        self.detectors = detectors
+        self.dispatch = {}
+        for det in detectors:
+            for kind in det.kinds:
+                self.dispatch.setdefault(kind, []).append(det)
 
     def rank(self, r: int) -> RankState:
         """The state of rank `r`, created on first sight."""
