@@ -4,12 +4,12 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test proto bench clean install
+.PHONY: demo test proto bench clean install system-deps
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	DS_BUILD_OPS=0 $(PIP) install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -18,8 +18,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/trainguard demo
 
-## make test: the whole suite (starts its own daemons on free ports)
-test: $(STAMP)
+# The alerting tests run real Prometheus and Alertmanager processes (Debian packages).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-deps:
+	@command -v prometheus >/dev/null && command -v prometheus-alertmanager >/dev/null || { \
+	  echo "installing prometheus and prometheus-alertmanager (Debian packages) for the tests"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	    --no-install-recommends prometheus prometheus-alertmanager; }
+
+## make test: the whole suite (starts its own daemons, Prometheus and Alertmanager on free ports)
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q
 
 ## make proto: regenerate monitor/_pb from proto/

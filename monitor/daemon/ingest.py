@@ -145,9 +145,9 @@ class Ingest:
         observe = st.observe
         for rec in records:
             observe(rec, recv)
-            dets = dispatch.get(rec.kind)
-            if dets:
-                for det in dets:
+            pair = dispatch.get(rec.kind)
+            if pair:
+                for det in pair[1] if rec.rank == st.lead else pair[0]:
                     try:
                         out = det.update(rec, st)
                     except Exception as e:  # noqa: BLE001 - one broken detector must not stop ingest

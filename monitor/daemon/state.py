@@ -274,7 +274,9 @@ class RunState:
         self.records = 0
         self.seqs: dict[tuple[int, str], int] = {}  # (rank, incarnation) -> last applied batch
         self.detectors: list[Any] = []
-        self.dispatch: dict[str, list[Any]] = {}  # record kind -> the detectors that read it
+        # record kind -> (detectors reading every rank, those plus the ones reading the lead rank)
+        self.dispatch: dict[str, tuple[list[Any], list[Any]]] = {}
+        self.lead: int | None = None  # the lowest rank seen: run-wide series are read from it
         self.run_status: str | None = None  # set once every reporting rank sent `end`
         self._unsettled: list[RankState] = []
 
@@ -282,15 +284,18 @@ class RunState:
         """Install the run's detectors and index them by the record kinds they read."""
         self.detectors = detectors
         self.dispatch = {}
-        for det in detectors:
-            for kind in det.kinds:
-                self.dispatch.setdefault(kind, []).append(det)
+        for kind in sorted({k for det in detectors for k in det.kinds}):
+            readers = [d for d in detectors if kind in d.kinds]
+            every = [d for d in readers if getattr(d, "ranks", "lead") == "all"]
+            self.dispatch[kind] = (every, readers)
 
     def rank(self, r: int) -> RankState:
         """The state of rank `r`, created on first sight."""
         st = self.ranks.get(r)
         if st is None:
             st = self.ranks[r] = RankState(r, self.window_cap, self._unsettled)
+            if self.lead is None or r < self.lead:
+                self.lead = r
         return st
 
     def settle(self) -> None:

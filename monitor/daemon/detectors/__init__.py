@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any, Mapping
 
 from monitor.daemon.detectors.base import Detector, Finding
-from monitor.daemon.detectors.nonfinite import NonFinite
 
-DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (NonFinite,)}
+
+def _discover() -> dict[str, type[Detector]]:
+    """Every Detector subclass with a name in this package's modules (files starting with _ are helpers)."""
+    found: dict[str, type[Detector]] = {}
+    for mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+        if mod.startswith("_") or mod == "base":
+            continue
+        module = importlib.import_module(f"{__name__}.{mod}")
+        for obj in vars(module).values():
+            if isinstance(obj, type) and issubclass(obj, Detector) and obj.name and obj.__module__ == module.__name__:
+                found[obj.name] = obj
+    return dict(sorted(found.items()))
+
+
+DETECTORS: dict[str, type[Detector]] = _discover()
 
 # Every alert name of the contract, with its default severity (DESIGN.md). Detectors not written
 # yet still have their names reserved here so that configs and dashboards can refer to them.

@@ -29,8 +29,9 @@ class Finding:
 class Detector:
     """Base class. A detector instance watches one run.
 
-    `update` sees every record of the kinds in `kinds`, in arrival order; `tick` is called with the
-    run's event-time clock after each batch, for rules about time passing (a stall, a lost rank).
+    `update` sees every record of the kinds in `kinds` (from the ranks that `ranks` names), in
+    arrival order; `tick` is called with the run's event-time clock after each batch, for rules
+    about time passing (a stall, a lost rank); it must be cheap, or rate-limit itself in event time.
     Both return findings; neither may do I/O or read the wall clock. `state`/`restore` let the
     daemon persist what the detector has learnt across a restart.
     """
@@ -38,6 +39,11 @@ class Detector:
     name: ClassVar[str] = ""
     severity: ClassVar[str] = "warning"
     kinds: ClassVar[frozenset[str]] = frozenset()
+    # Which ranks' records `update` sees: "lead" (the run's lowest reporting rank, enough for
+    # run-wide series such as the loss, and it keeps ingest cost independent of the world size)
+    # or "all" (every rank's records, for per-rank causes). Per-rank windows are also readable in
+    # `tick` through `run.ranks[r].windows` without subscribing to every record.
+    ranks: ClassVar[str] = "lead"
     defaults: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, config: Mapping[str, Any] | None = None):

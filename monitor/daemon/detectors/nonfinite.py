@@ -21,6 +21,7 @@ class NonFinite(Detector):
     name = "NonFinite"
     severity = "critical"
     kinds = frozenset({"train"})
+    ranks = "all"  # a NaN on any rank poisons the all-reduced update
     defaults: ClassVar[Mapping[str, Any]] = {
         "watch": ("loss", "grad_norm"),
         # 20 clean steps: longer than the few skipped steps a dynamic loss scaler needs to back off.
