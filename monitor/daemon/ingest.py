@@ -136,36 +136,10 @@ class Ingest:
 
     def _apply(self, st: RunState, records: Iterable[Record], detect: bool) -> list[Finding]:
         """Fold records into the run's state and detectors (caller holds st.lock)."""
-        recv = time.monotonic()
-        st.last_recv = recv
-        findings: list[Finding] = []
-        dispatch = st.dispatch if detect else {}
         if not isinstance(records, list):
             records = list(records)
-        observe = st.observe
-        for rec in records:
-            observe(rec, recv)
-            pair = dispatch.get(rec.kind)
-            if pair:
-                for det in pair[1] if rec.rank == st.lead else pair[0]:
-                    try:
-                        out = det.update(rec, st)
-                    except Exception as e:  # noqa: BLE001 - one broken detector must not stop ingest
-                        self._detector_failed(det, e)
-                        continue
-                    if out:
-                        findings.extend(out)
-        st.settle()
+        findings = st.apply(records, time.monotonic(), detect, self._detector_failed)
         self.records_by_kind.update(map(_KIND, records))
-        if detect:
-            for det in st.detectors:
-                try:
-                    out = det.tick(st.clock, st)
-                except Exception as e:  # noqa: BLE001
-                    self._detector_failed(det, e)
-                    continue
-                if out:
-                    findings.extend(out)
         return findings
 
     def _detector_failed(self, det: Any, e: Exception) -> None:

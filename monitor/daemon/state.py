@@ -14,7 +14,7 @@ from array import array
 from itertools import groupby
 from operator import attrgetter, itemgetter, methodcaller
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from monitor.records import Record
 
@@ -27,6 +27,8 @@ WINDOW_SERIES = (
 END_SEVERITY = {"completed": 0, "stopped": 1, "failed": 2}
 _WINDOW_GETTERS = tuple((name, methodcaller("get", name)) for name in WINDOW_SERIES)
 _T, _STEP, _VALUES, _KIND = attrgetter("t"), attrgetter("step"), attrgetter("values"), attrgetter("kind")
+# Detectors' `tick` runs at least this often in event time (seconds) while a batch is applied.
+TICK_EVERY = 1.0
 # Records whose points wait to reach a rank's windows; past this many they are folded in at once.
 FOLD_AT = 512
 
@@ -326,6 +328,53 @@ class RunState:
             self.run_status = None  # a restarted job announces itself again
         elif rec.kind == "end":
             self._update_status()
+
+    def apply(self, records: list[Record], recv: float, detect: bool = True,
+              on_error: Callable[[Any, Exception], None] | None = None) -> list[Any]:
+        """Fold a batch of records into the run and its detectors; return the detectors' findings.
+
+        Detectors see each record of their kinds (from the ranks they ask for) in order, and their
+        `tick` runs whenever the run's event time has moved on by TICK_EVERY seconds within the
+        batch and once after it, so time-based rules give the same answer whether the records
+        arrive live or as one big replayed batch.
+        """
+        self.last_recv = recv
+        findings: list[Any] = []
+        dispatch = self.dispatch if detect else {}
+        detectors = self.detectors if detect else []
+        observe = self.observe
+        next_tick = self.clock + TICK_EVERY
+        for rec in records:
+            observe(rec, recv)
+            pair = dispatch.get(rec.kind)
+            if pair:
+                for det in pair[1] if rec.rank == self.lead else pair[0]:
+                    try:
+                        out = det.update(rec, self)
+                    except Exception as e:  # noqa: BLE001 - one broken detector must not stop ingest
+                        if on_error is not None:
+                            on_error(det, e)
+                        continue
+                    if out:
+                        findings.extend(out)
+            if self.clock >= next_tick and detectors:
+                next_tick = self.clock + TICK_EVERY
+                self._tick(findings, on_error)
+        self.settle()
+        if detectors:
+            self._tick(findings, on_error)
+        return findings
+
+    def _tick(self, findings: list[Any], on_error: Callable[[Any, Exception], None] | None) -> None:
+        for det in self.detectors:
+            try:
+                out = det.tick(self.clock, self)
+            except Exception as e:  # noqa: BLE001
+                if on_error is not None:
+                    on_error(det, e)
+                continue
+            if out:
+                findings.extend(out)
 
     def _update_status(self) -> None:
         statuses = [rs.status for rs in self.ranks.values()]
