@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) bench/log_cost.py
 	$(PY) bench/loop_overhead.py
 	$(PY) bench/ingest.py
+	$(PY) bench/detectors.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
