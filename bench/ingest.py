@@ -437,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (or one of its child roles)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="shorter load phases (about 20 s)")
+    ap.add_argument("--daemon-config", default=None, metavar="FILE",
+                    help="config file for the measured daemon (e.g. to see the cost of the detectors)")
     ap.add_argument("--clients", type=int, default=64, help="concurrent clients (default 64)")
     ap.add_argument("--runs", type=int, default=8, help="runs the clients are spread over (default 8)")
     ap.add_argument("--batch", type=int, default=1000, help="records per batch (default 1000)")
@@ -482,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
                 base["rss_mem"] = _rss(ack.pid)
 
     tg: dict[str, Any] = {}
-    with ServeProcess() as serve:
+    with ServeProcess(["--config", args.daemon_config] if args.daemon_config else []) as serve:
         probe = LatencyProbe(serve.address, serve.url, flush_interval=args.flush_interval).start()
         try:
             tg["idle_latency"], tg["idle_misses"] = probe.measure(args.idle_seconds)

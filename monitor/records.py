@@ -97,6 +97,49 @@ class Record:
         return out
 
 
+@dataclass(eq=False)
+class RecordBlock:
+    """Records of one kind and rank with the same value names, kept as columns (the proto's Block).
+
+    The daemon folds a block into its state a column at a time and builds Record objects only
+    where something needs them one by one (see `records`).
+    """
+
+    kind: str
+    run: str
+    rank: int
+    names: tuple[str, ...]
+    steps: list[int]
+    ts: list[float]
+    values: list[float]  # len(steps) x len(names), record after record
+    at: int = 0
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def column(self, name: str) -> list[float] | None:
+        """Every record's value of `name`, in order (None if the block does not carry it)."""
+        try:
+            j = self.names.index(name)
+        except ValueError:
+            return None
+        return self.values[j::len(self.names)]
+
+    def last_values(self) -> dict[str, float]:
+        """The values of the block's last record."""
+        k = len(self.names)
+        return dict(zip(self.names, self.values[-k:])) if k else {}
+
+    def records(self) -> list[Record]:
+        """The block as the records it stands for."""
+        kind, run, rank, names, vals = self.kind, self.run, self.rank, self.names, self.values
+        k = len(names)
+        if not k:
+            return [Record(kind, run, t, rank, s, {}) for s, t in zip(self.steps, self.ts)]
+        return [Record(kind, run, t, rank, s, dict(zip(names, vals[i:i + k])))
+                for i, s, t in zip(range(0, len(vals), k), self.steps, self.ts)]
+
+
 def _json_equal(a: Any, b: Any) -> bool:
     # NaN != NaN, but two records that both carry NaN are the same record.
     if isinstance(a, float) and isinstance(b, float):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Iterable, Sequence
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -21,6 +23,7 @@ from monitor.records import (
     STEP_REQUIRED,
     InvalidRecord,
     Record,
+    RecordBlock,
     check_name,
     check_record,
     check_run_id,
@@ -56,25 +59,47 @@ class Rejection:
 
 @dataclass
 class Batch:
-    """A decoded ReportRequest: the header and the records that passed validation."""
+    """A decoded ReportRequest: the header and the records that passed validation.
+
+    `parts` holds them in the batch's order, each a Record or a RecordBlock of many records.
+    """
 
     run: str
     rank: int
     incarnation: str
     sequence: int
     client: str
-    records: list[Record]
+    parts: list[Any]
     rejections: list[Rejection] = field(default_factory=list)
     total: int = 0
     lenient: bool = False  # decoded with the byte-string fallback (some text was not UTF-8)
 
     @property
+    def n_records(self) -> int:
+        """How many records were kept."""
+        return sum(len(p) if type(p) is RecordBlock else 1 for p in self.parts)
+
+    @property
+    def records(self) -> list[Record]:
+        """The kept records one by one, in order (blocks expanded)."""
+        out: list[Record] = []
+        for p in self.parts:
+            if type(p) is RecordBlock:
+                out.extend(p.records())
+            else:
+                out.append(p)
+        return out
+
+    @property
     def t_range(self) -> tuple[float, float]:
         """Smallest and largest event time of the kept records (0, 0 when there are none)."""
-        if not self.records:
-            return (0.0, 0.0)
-        ts = [r.t for r in self.records]
-        return (min(ts), max(ts))
+        lo, hi = math.inf, -math.inf
+        for p in self.parts:
+            if type(p) is RecordBlock:
+                lo, hi = min(lo, min(p.ts)), max(hi, max(p.ts))
+            else:
+                lo, hi = min(lo, p.t), max(hi, p.t)
+        return (lo, hi) if hi >= lo else (0.0, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,53 +111,110 @@ def _to_float(v: Any) -> float:
     return float(v)
 
 
-def encode_records(req: Any, records: Iterable[Record], batch_rank: int) -> int:
-    """Append records to a ReportRequest; return how many values could not be turned into numbers."""
+# Kinds that may travel as blocks, and the shortest run of records worth one.
+BLOCK_KINDS = frozenset(("train", "eval", "system", "heartbeat"))
+BLOCK_MIN = 4
+
+
+def _block_key(rec: Record) -> Any:
+    if rec.step is None or rec.kind not in BLOCK_KINDS:
+        return None
+    return (rec.kind, rec.rank, tuple(rec.values))
+
+
+def encode_records(req: Any, records: Iterable[Record], batch_rank: int, blocks: bool = True) -> int:
+    """Append records to a ReportRequest; return how many values could not be turned into numbers.
+
+    Runs of at least BLOCK_MIN records that share kind, rank and value names go as one Block
+    (unless `blocks` is False: then every record goes on its own).
+    """
+    records = records if isinstance(records, list) else list(records)
+    keys = [_block_key(r) for r in records] if blocks else [None] * len(records)
     bad = 0
-    add = req.records.add
-    for rec in records:
-        r = add()
-        r.kind = rec.kind
-        r.t = rec.t
-        if rec.step is not None:
-            r.step = rec.step
-        if rec.rank != batch_rank:
-            r.rank = rec.rank
-        vals = rec.values
-        if vals:
-            try:
-                r.names.extend(vals.keys())
-                r.values.extend([_to_float(v) for v in vals.values()])
-            except (TypeError, ValueError, RuntimeError):
-                del r.names[:]
-                del r.values[:]
-                for k, v in vals.items():
-                    try:
-                        fv = _to_float(v)
-                    except (TypeError, ValueError, RuntimeError):
-                        bad += 1
-                        continue
-                    r.names.append(k)
-                    r.values.append(fv)
-        if rec.kind == "run":
-            r.world_size = rec.world_size or 0
-            if rec.meta is not None:
-                r.meta_json = json.dumps(rec.meta, default=str, allow_nan=True)
-        elif rec.kind == "probe":
-            if rec.suite:
-                r.suite = rec.suite
-            if rec.items is not None:
-                r.items.extend([_to_float(x) for x in rec.items])
-        elif rec.kind == "end" and rec.status:
-            r.status = rec.status
+    i, n = 0, len(records)
+    while i < n:
+        key = keys[i]
+        j = i + 1
+        if key is not None:
+            while j < n and keys[j] == key:
+                j += 1
+        if j - i < BLOCK_MIN or not _encode_block(req, records, i, j, batch_rank):
+            for rec in records[i:j]:
+                bad += _encode_record(req, rec, batch_rank)
+        i = j
+    return bad
+
+
+def _encode_block(req: Any, records: list[Record], i: int, j: int, batch_rank: int) -> bool:
+    """Append records[i:j] as one block; False (and nothing appended) if a value is not a number."""
+    run = records[i:j]
+    try:
+        values = [_to_float(v) for r in run for v in r.values.values()]
+        steps = [int(r.step) for r in run]  # type: ignore[arg-type]
+        b = req.blocks.add()
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        return False
+    try:
+        b.steps.extend(steps)
+        b.t.extend([r.t for r in run])
+        b.values.extend(values)
+    except (TypeError, ValueError, OverflowError):
+        del req.blocks[-1]
+        return False
+    first = run[0]
+    b.kind = first.kind
+    b.names.extend(first.values)
+    b.at = i
+    if first.rank != batch_rank:
+        b.rank = first.rank
+    return True
+
+
+def _encode_record(req: Any, rec: Record, batch_rank: int) -> int:
+    """Append one record; return how many of its values could not be turned into numbers."""
+    bad = 0
+    r = req.records.add()
+    r.kind = rec.kind
+    r.t = rec.t
+    if rec.step is not None:
+        r.step = rec.step
+    if rec.rank != batch_rank:
+        r.rank = rec.rank
+    vals = rec.values
+    if vals:
+        try:
+            r.names.extend(vals.keys())
+            r.values.extend([_to_float(v) for v in vals.values()])
+        except (TypeError, ValueError, RuntimeError):
+            del r.names[:]
+            del r.values[:]
+            for k, v in vals.items():
+                try:
+                    fv = _to_float(v)
+                except (TypeError, ValueError, RuntimeError):
+                    bad += 1
+                    continue
+                r.names.append(k)
+                r.values.append(fv)
+    if rec.kind == "run":
+        r.world_size = rec.world_size or 0
+        if rec.meta is not None:
+            r.meta_json = json.dumps(rec.meta, default=str, allow_nan=True)
+    elif rec.kind == "probe":
+        if rec.suite:
+            r.suite = rec.suite
+        if rec.items is not None:
+            r.items.extend([_to_float(x) for x in rec.items])
+    elif rec.kind == "end" and rec.status:
+        r.status = rec.status
     return bad
 
 
 def encode_batch(run: str, rank: int, incarnation: str, sequence: int, records: Sequence[Record],
-                 client: str = "") -> bytes:
+                 client: str = "", blocks: bool = True) -> bytes:
     """Serialize one batch."""
     req = pb.ReportRequest(run=run, rank=rank, incarnation=incarnation, sequence=sequence, client=client)
-    encode_records(req, records, rank)
+    encode_records(req, list(records), rank, blocks)
     return req.SerializeToString()
 
 
@@ -168,17 +250,16 @@ def _twin_request_class(package: str, records_as_bytes: bool) -> Any:
     fdp.name = f"trainguard/v1/telemetry_{package}.proto"
     fdp.package = f"trainguard.v1.{package}"
     del fdp.service[:]
-    wanted = ("ReportRequest",) if records_as_bytes else ("ReportRequest", "Record")
+    wanted = ("ReportRequest", "Block") if records_as_bytes else ("ReportRequest", "Record", "Block")
     keep = [m for m in fdp.message_type if m.name in wanted]
     del fdp.message_type[:]
     for m in keep:
         for f in m.field:
-            if f.type_name == ".trainguard.v1.Record":
-                if records_as_bytes:
-                    f.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
-                    f.ClearField("type_name")
-                else:
-                    f.type_name = f".trainguard.v1.{package}.Record"
+            if f.type_name == ".trainguard.v1.Record" and records_as_bytes:
+                f.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
+                f.ClearField("type_name")
+            elif f.type_name.startswith(".trainguard.v1."):
+                f.type_name = f".trainguard.v1.{package}.{f.type_name.rsplit('.', 1)[1]}"
             elif f.type == descriptor_pb2.FieldDescriptorProto.TYPE_STRING and not records_as_bytes:
                 f.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
         fdp.message_type.add().CopyFrom(m)
@@ -360,6 +441,83 @@ class _Shapes:
 _shapes = _Shapes()
 
 
+def _layout(blocks: Sequence[Any], n_loose: int) -> list[int]:
+    """The batch position of each loose record, given where the blocks sit; InvalidBatch if they clash."""
+    spans = sorted((b.at, len(b.steps), i) for i, b in enumerate(blocks))
+    positions: list[int] = []
+    pos = 0
+    for at, n, i in spans:
+        if at < pos:
+            raise InvalidBatch(f"blocks[{i}].at", f"position {at} overlaps the records before it (next free: {pos})")
+        gap = at - pos
+        if len(positions) + gap > n_loose:
+            raise InvalidBatch(f"blocks[{i}].at", f"position {at} leaves a gap that the batch's "
+                                                  f"{n_loose} single records cannot fill")
+        positions.extend(range(pos, at))
+        pos = at + n
+    positions.extend(range(pos, pos + n_loose - len(positions)))
+    return positions
+
+
+def _decode_block(b: Any, bi: int, batch_rank: int, run: str, lenient: bool) -> tuple[list[Any], list[Rejection]]:
+    """One block: ([RecordBlock], []) when all of it is good, else its good records and the rejections."""
+    prefix = f"blocks[{bi}]."
+    n = len(b.steps)
+    at = b.at
+
+    def refuse(field: str, reason: str) -> tuple[list[Any], list[Rejection]]:
+        return [], [Rejection(at + j, prefix + field, reason) for j in range(n)]
+
+    try:
+        kind = _text(b.kind, prefix + "kind") if lenient else b.kind
+        names = [_text(nm, f"{prefix}names[{j}]") for j, nm in enumerate(b.names)] if lenient else list(b.names)
+    except InvalidRecord as e:
+        return refuse(e.field[len(prefix):], e.reason)
+    if not n:
+        return [], []
+    if kind not in BLOCK_KINDS:
+        return refuse("kind", f"{kind!r} cannot travel as a block; blocks carry {', '.join(sorted(BLOCK_KINDS))}")
+    k = len(names)
+    if len(b.t) != n:
+        return refuse("t", f"{len(b.t)} times for {n} steps; there must be one per record")
+    if len(b.values) != n * k:
+        return refuse("values", f"{len(b.values)} values for {n} records x {k} names")
+    if k > MAX_VALUES:
+        return refuse("names", f"{k} names, the limit is {MAX_VALUES} per record")
+    if len(set(names)) != k:
+        return refuse("names", "a name appears twice; each record's names must be distinct")
+    for j, nm in enumerate(names):
+        try:
+            _names.check(nm, f"names[{j}]")
+        except InvalidRecord as e:
+            return refuse(e.field, e.reason)
+    rank = b.rank if b.HasField("rank") else batch_rank
+    steps, ts = list(b.steps), list(b.t)
+    block = RecordBlock(kind, run, rank, tuple(names), steps, ts, list(b.values), at)
+    tsum = sum(ts)
+    # The per-record rules of check_record, a column at a time (NaN fails every comparison).
+    if rank < MAX_RANK and min(steps) >= 0 and max(steps) <= MAX_STEP and tsum == tsum \
+            and min(ts) > 0.0 and max(ts) < 1e11:
+        return [block], []
+    good: list[Any] = []
+    rejections: list[Rejection] = []
+    for j, rec in enumerate(block.records()):
+        try:
+            check_record(rec, f"{prefix}[{j}].")
+        except InvalidRecord as e:
+            rejections.append(Rejection(at + j, e.field, e.reason))
+            continue
+        good.append(rec)
+    return good, rejections
+
+
+def _assemble(loose: list[tuple[int, Record]], blocks: list[tuple[int, list[Any]]]) -> list[Any]:
+    """Records and blocks back in the batch's order."""
+    placed = [(pos, 0, [rec]) for pos, rec in loose] + [(at, 1, parts) for at, parts in blocks]
+    placed.sort(key=itemgetter(0, 1))
+    return [x for _, _, parts in placed for x in parts]
+
+
 def decode_batch(data: bytes, max_bytes: int = MAX_BATCH_BYTES) -> Batch:
     """Parse and validate one batch; raise InvalidBatch if the batch as a whole is unusable."""
     if len(data) > max_bytes:
@@ -383,6 +541,8 @@ def decode_batch(data: bytes, max_bytes: int = MAX_BATCH_BYTES) -> Batch:
     if rank >= MAX_RANK or not incarnation or len(incarnation) > MAX_INCARNATION_CHARS or sequence == 0:
         return _decode_batch_full(data)
     raws = req.records
+    blocks = req.blocks
+    positions = _layout(blocks, len(raws)) if blocks else None
     records: list[Record] = []
     rejections: list[Rejection] = []
     append = records.append
@@ -420,11 +580,33 @@ def decode_batch(data: bytes, max_bytes: int = MAX_BATCH_BYTES) -> Batch:
             try:
                 rec = _decode_record(r, i, rank, run, False)
             except InvalidRecord as e:
-                rejections.append(Rejection(i, e.field, e.reason))
+                rejections.append(Rejection(positions[i] if positions else i, e.field, e.reason))
                 continue
             _shapes.learn(r, rec)
         append(rec)
-    return Batch(run, rank, incarnation, sequence, req.client[:128], records, rejections, len(raws), False)
+    if positions is None:
+        return Batch(run, rank, incarnation, sequence, req.client[:128], records, rejections, len(raws), False)
+    return _with_blocks(req, run, rank, incarnation, sequence, req.client[:128], records, rejections,
+                        positions, len(raws), False)
+
+
+def _with_blocks(req: Any, run: str, rank: int, incarnation: str, sequence: int, client: str,
+                 records: list[Record], rejections: list[Rejection], positions: list[int], n_loose: int,
+                 lenient: bool) -> Batch:
+    """Finish a batch that has blocks: decode them and put everything back in order."""
+    # Rejected loose records left no entry in `records`: pair the kept ones with their positions.
+    refused = {rj.index for rj in rejections}
+    kept_pos = [pos for pos in positions if pos not in refused]
+    placed_blocks = []
+    total = n_loose
+    for bi, b in enumerate(req.blocks):
+        parts, rjs = _decode_block(b, bi, rank, run, lenient)
+        placed_blocks.append((b.at, parts))
+        rejections.extend(rjs)
+        total += len(b.steps)
+    rejections.sort(key=lambda rj: rj.index)
+    parts = _assemble(list(zip(kept_pos, records)), placed_blocks)
+    return Batch(run, rank, incarnation, sequence, client, parts, rejections, total, lenient)
 
 
 def _decode_batch_full(data: bytes) -> Batch:
@@ -452,14 +634,18 @@ def _decode_batch_full(data: bytes) -> Batch:
     if req.sequence == 0:
         raise InvalidBatch("sequence", "must be >= 1")
     client = _header_text(req.client, "client")[:128]
+    positions = _layout(req.blocks, len(req.records)) if req.blocks else None
     records: list[Record] = []
     rejections: list[Rejection] = []
     for i, r in enumerate(req.records):
         try:
             records.append(_decode_record(r, i, rank, run, lenient))
         except InvalidRecord as e:
-            rejections.append(Rejection(i, e.field, e.reason))
-    return Batch(run, rank, incarnation, req.sequence, client, records, rejections, len(req.records), lenient)
+            rejections.append(Rejection(positions[i] if positions else i, e.field, e.reason))
+    if positions is None:
+        return Batch(run, rank, incarnation, req.sequence, client, records, rejections, len(req.records), lenient)
+    return _with_blocks(req, run, rank, incarnation, req.sequence, client, records, rejections, positions,
+                        len(req.records), lenient)
 
 
 def reencode_kept(batch: Batch) -> bytes:

@@ -37,7 +37,7 @@ def test_the_comparison_notices_a_changed_proto(tmp_path: Path, monkeypatch: pyt
     src = proto_copy / "trainguard" / "v1" / "telemetry.proto"
     text = src.read_text()
     assert "string client = 6;" in text
-    src.write_text(text.replace("string client = 6;", "string client = 6;\n  string extra_field = 7;"))
+    src.write_text(text.replace("string client = 6;", "string client = 6;\n  string extra_field = 99;"))
     monkeypatch.setattr(gen, "PROTO_DIR", str(proto_copy))
     out = tmp_path / "out"
     gen.generate(str(out))

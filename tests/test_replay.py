@@ -75,12 +75,15 @@ def test_replay_every_trace(daemon: Any, path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", [p for p in TRACE_FILES if labels_of(p)["expect"] == []], ids=lambda p: p.name)
-def test_healthy_traces_fire_nothing(daemon: Any, path: Path) -> None:
+def test_healthy_traces_page_nobody(daemon: Any, path: Path) -> None:
+    # A healthy run may have an odd batch worth a note (severity info), never a page.
     run = records_of(path)[0].run
     assert run_replay(daemon.grpc_address, path).returncode == 0
-    assert alerts_of(daemon, run) == []
-    assert http_json(f"{daemon.http_url}/api/v1/runs/{run}")["health"] == "ok"
-    assert "trainguard_alert_active{" not in http_text(daemon.http_url + "/metrics")
+    assert [a for a in alerts_of(daemon, run) if a["severity"] != "info"] == []
+    assert http_json(f"{daemon.http_url}/api/v1/runs/{run}")["health"] in ("ok", "info")
+    active = [line for line in http_text(daemon.http_url + "/metrics").splitlines()
+              if line.startswith("trainguard_alert_active{") and f'run="{run}"' in line and line.endswith(" 1.0")]
+    assert [line for line in active if 'severity="info"' not in line] == []
 
 
 def _check_single_nonfinite(daemon: Any) -> dict[str, Any]:

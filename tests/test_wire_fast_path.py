@@ -68,7 +68,7 @@ def test_learnt_layout_decodes_steps_times_and_values_exactly() -> None:
     recs = [Record("train", "fast-run", 1.7e9 + i / 3, 2, step, dict(names, loss=float(step)))
             for i, step in enumerate([0, 1, 127, 128, 16383, 16384, 2**35, MAX_STEP])]
     recs.append(Record("heartbeat", "fast-run", 1.7e9 + 9, 2, None, {}))
-    data = wire.encode_batch("fast-run", 2, "inc", 1, recs)
+    data = wire.encode_batch("fast-run", 2, "inc", 1, recs, blocks=False)
     for _ in range(4):
         b = wire.decode_batch(data)
         assert b.records == recs and not b.rejections

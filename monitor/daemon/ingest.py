@@ -18,6 +18,7 @@ from monitor.daemon.detectors.base import Finding
 from monitor.daemon.state import Registry, RunState
 from monitor.daemon.store import Store, StoreError
 from monitor.records import Record
+from monitor.records import RecordBlock
 from monitor.wire import Batch, reencode_kept
 
 log = logging.getLogger("trainguard.ingest")
@@ -105,7 +106,7 @@ class Ingest:
                     raw = reencode_kept(batch)
                 t_min, t_max = batch.t_range
                 fut = self.store.put_batch(batch.run, batch.rank, batch.incarnation, batch.sequence,
-                                           t_min, t_max, len(batch.records), raw)
+                                           t_min, t_max, batch.n_records, raw)
                 own = True
                 with self._lock:
                     self._pending[pkey] = (batch.sequence, fut)
@@ -120,12 +121,12 @@ class Ingest:
         if not own:
             self.duplicates += 1
             return True
-        with self.lane(len(batch.records)):
+        with self.lane(batch.n_records):
             with st.lock:
                 with self._lock:
                     self._pending.pop(pkey, None)
                 st.seqs[key] = max(st.seqs.get(key, 0), batch.sequence)
-                findings = self._apply(st, batch.records, detect=True)
+                findings = self._apply(st, batch.parts, detect=True)
         self.batches += 1
         # Counted with the batch it belongs to, so that a resend does not count its refusals twice.
         for rj in batch.rejections:
@@ -134,12 +135,17 @@ class Ingest:
             self.alerts.apply(batch.run, findings)
         return False
 
-    def _apply(self, st: RunState, records: Iterable[Record], detect: bool) -> list[Finding]:
-        """Fold records into the run's state and detectors (caller holds st.lock)."""
-        if not isinstance(records, list):
-            records = list(records)
-        findings = st.apply(records, time.monotonic(), detect, self._detector_failed)
-        self.records_by_kind.update(map(_KIND, records))
+    def _apply(self, st: RunState, parts: Iterable[Any], detect: bool) -> list[Finding]:
+        """Fold records (and blocks of them) into the run's state and detectors (caller holds st.lock)."""
+        if not isinstance(parts, list):
+            parts = list(parts)
+        findings = st.apply(parts, time.monotonic(), detect, self._detector_failed)
+        counts = self.records_by_kind
+        for p in parts:
+            if type(p) is RecordBlock:
+                counts[p.kind] += len(p)
+            else:
+                counts[p.kind] += 1
         return findings
 
     def _detector_failed(self, det: Any, e: Exception) -> None:
@@ -191,7 +197,7 @@ class Ingest:
                     except InvalidBatch:
                         continue
                     after = seq > saved_seqs.get((rank, inc), 0)
-                    findings.extend(self._apply(st, batch.records, detect=after))
+                    findings.extend(self._apply(st, batch.parts, detect=after))
                 st.seqs.update(self.store.max_sequences(st.run))
                 if row.get("status") in ("completed", "failed", "stopped"):
                     st.run_status = row["status"]

@@ -35,7 +35,7 @@ class TelemetryServicer:
         except StoreError as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"store unavailable, retry later: {e}")
             raise
-        return wire.encode_response(batch.sequence, len(batch.records), batch.rejections, duplicate)
+        return wire.encode_response(batch.sequence, batch.n_records, batch.rejections, duplicate)
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The generic handler to add to a grpc server."""

@@ -16,7 +16,7 @@ from operator import attrgetter, itemgetter, methodcaller
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from monitor.records import Record
+from monitor.records import Record, RecordBlock
 
 # Series kept as windows per rank: what per-rank rules and rates need. Everything else keeps its
 # latest value only, so memory per rank stays flat however many names a client sends.
@@ -166,6 +166,37 @@ class RankState:
         elif kind == "probe":
             self._keep(f"probe:{rec.suite}", rec, vals)
 
+    def observe_block(self, block: RecordBlock) -> None:
+        """Fold a block of records into the rank's state, a column at a time."""
+        self.records += len(block)
+        hi = max(block.ts)
+        if hi > self.last_t:
+            self.last_t = hi
+        kind = block.kind
+        last = block.last_values()
+        if kind == "heartbeat":
+            self.heartbeat_step = block.steps[-1]
+            if last:
+                self.client.update(last)
+            return
+        if kind == "train":
+            top = max(block.steps)
+            if self.last_step is None or top >= self.last_step:
+                self.last_step = top
+        latest = self.latest.get(kind)
+        if latest is None:
+            latest = self.latest[kind] = {}
+        latest.update(last)
+        if kind == "eval" or not last:
+            return
+        if self._unfolded:
+            self.fold()  # earlier records first: windows keep arrival order
+        names, k, vals = block.names, len(block.names), block.values
+        for name in WINDOW_SERIES:
+            if name in last:
+                j = names.index(name)
+                self._ring(name).extend(block.ts, block.steps, vals[j::k])
+
     def _keep(self, kind: str, rec: Record, vals: dict[str, float]) -> None:
         latest = self.latest.get(kind)
         if latest is None:
@@ -281,6 +312,7 @@ class RunState:
         self.lead: int | None = None  # the lowest rank seen: run-wide series are read from it
         self.run_status: str | None = None  # set once every reporting rank sent `end`
         self._unsettled: list[RankState] = []
+        self._next_tick = 0.0
 
     def set_detectors(self, detectors: list[Any]) -> None:
         """Install the run's detectors and index them by the record kinds they read."""
@@ -329,21 +361,45 @@ class RunState:
         elif rec.kind == "end":
             self._update_status()
 
-    def apply(self, records: list[Record], recv: float, detect: bool = True,
+    def apply(self, parts: list[Any], recv: float, detect: bool = True,
               on_error: Callable[[Any, Exception], None] | None = None) -> list[Any]:
-        """Fold a batch of records into the run and its detectors; return the detectors' findings.
+        """Fold a batch (records and blocks of them) into the run and its detectors; return the findings.
 
         Detectors see each record of their kinds (from the ranks they ask for) in order, and their
         `tick` runs whenever the run's event time has moved on by TICK_EVERY seconds within the
         batch and once after it, so time-based rules give the same answer whether the records
-        arrive live or as one big replayed batch.
+        arrive live or as one big replayed batch. Blocks from the lead rank are taken record by
+        record; those of other ranks are folded a column at a time and handed whole to the
+        detectors that read every rank (`update_block`).
         """
         self.last_recv = recv
         findings: list[Any] = []
+        self._next_tick = self.clock + TICK_EVERY
+        loose: list[Record] = []
+        for part in parts:
+            if type(part) is not RecordBlock:
+                loose.append(part)
+                continue
+            if loose:
+                self._apply_records(loose, recv, detect, findings, on_error)
+                loose = []
+            self.rank(part.rank)
+            if detect and part.rank == self.lead:
+                self._apply_records(part.records(), recv, detect, findings, on_error)
+            else:
+                self._apply_block(part, recv, detect, findings, on_error)
+        if loose:
+            self._apply_records(loose, recv, detect, findings, on_error)
+        self.settle()
+        if detect and self.detectors:
+            self._tick(findings, on_error)
+        return findings
+
+    def _apply_records(self, records: list[Record], recv: float, detect: bool, findings: list[Any],
+                       on_error: Callable[[Any, Exception], None] | None) -> None:
         dispatch = self.dispatch if detect else {}
-        detectors = self.detectors if detect else []
+        ticking = detect and bool(self.detectors)
         observe = self.observe
-        next_tick = self.clock + TICK_EVERY
         for rec in records:
             observe(rec, recv)
             pair = dispatch.get(rec.kind)
@@ -357,13 +413,38 @@ class RunState:
                         continue
                     if out:
                         findings.extend(out)
-            if self.clock >= next_tick and detectors:
-                next_tick = self.clock + TICK_EVERY
+            if ticking and self.clock >= self._next_tick:
+                self._next_tick = self.clock + TICK_EVERY
                 self._tick(findings, on_error)
-        self.settle()
-        if detectors:
+
+    def _apply_block(self, block: RecordBlock, recv: float, detect: bool, findings: list[Any],
+                     on_error: Callable[[Any, Exception], None] | None) -> None:
+        n = len(block)
+        self.records += n
+        lo, hi = min(block.ts), max(block.ts)
+        if hi > self.clock:
+            self.clock = hi
+        if self.first_t is None or lo < self.first_t:
+            self.first_t = lo
+        rs = self.ranks[block.rank]
+        rs.last_recv = recv
+        rs.observe_block(block)
+        if not detect:
+            return
+        pair = self.dispatch.get(block.kind)
+        if pair:
+            for det in pair[0]:
+                try:
+                    out = det.update_block(block, self)
+                except Exception as e:  # noqa: BLE001
+                    if on_error is not None:
+                        on_error(det, e)
+                    continue
+                if out:
+                    findings.extend(out)
+        if self.detectors and self.clock >= self._next_tick:
+            self._next_tick = self.clock + TICK_EVERY
             self._tick(findings, on_error)
-        return findings
 
     def _tick(self, findings: list[Any], on_error: Callable[[Any, Exception], None] | None) -> None:
         for det in self.detectors:

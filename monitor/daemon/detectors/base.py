@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
-from monitor.records import Record
+from monitor.records import Record, RecordBlock
 
 SEVERITIES = ("info", "warning", "critical")
 
@@ -60,6 +60,19 @@ class Detector:
     def update(self, rec: Record, run: Any) -> list[Finding]:
         """Consume one record; return findings (usually none)."""
         return []
+
+    def update_block(self, block: RecordBlock, run: Any) -> list[Finding]:
+        """Consume a block of records (ranks = "all" only, for ranks other than the lead).
+
+        The default takes the records one by one; a detector that reads every rank should
+        override it with a column-at-a-time check, since blocks are how busy ranks report.
+        """
+        out: list[Finding] = []
+        for rec in block.records():
+            found = self.update(rec, run)
+            if found:
+                out.extend(found)
+        return out
 
     def tick(self, now: float, run: Any) -> list[Finding]:
         """Called with the run's event time after each batch."""

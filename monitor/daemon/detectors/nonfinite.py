@@ -6,7 +6,7 @@ import math
 from typing import Any, ClassVar, Mapping
 
 from monitor.daemon.detectors.base import Detector, Finding
-from monitor.records import Record
+from monitor.records import Record, RecordBlock
 
 
 class NonFinite(Detector):
@@ -70,6 +70,14 @@ class NonFinite(Detector):
                 return [Finding(alert=self.name, action="resolve", t=rec.t, step=rec.step,
                                 summary=f"{self.clean} consecutive finite steps up to step {rec.step}")]
         return []
+
+    def update_block(self, block: RecordBlock, run: Any) -> list[Finding]:
+        if not self.firing:
+            # A sum is finite only if every term is (or, rarely, overflows): then nothing to do.
+            cols = [c for c in map(block.column, self.watch) if c is not None]
+            if all(math.isfinite(sum(c)) for c in cols):
+                return []
+        return super().update_block(block, run)
 
     def statistic(self) -> float | None:
         return float(self.count)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtrainguard/v1/telemetry.proto\x12\rtrainguard.v1\"\x89\x01\n\rReportRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x13\n\x0bincarnation\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12&\n\x07records\x18\x05 \x03(\x0b\x32\x15.trainguard.v1.Record\x12\x0e\n\x06\x63lient\x18\x06 \x01(\t\"\xcd\x01\n\x06Record\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\x04step\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\t\n\x01t\x18\x03 \x01(\x01\x12\r\n\x05names\x18\x04 \x03(\t\x12\x0e\n\x06values\x18\x05 \x03(\x01\x12\r\n\x05suite\x18\x06 \x01(\t\x12\r\n\x05items\x18\x07 \x03(\x01\x12\x12\n\nworld_size\x18\x08 \x01(\r\x12\x11\n\tmeta_json\x18\t \x01(\t\x12\x0e\n\x06status\x18\n \x01(\t\x12\x11\n\x04rank\x18\x0b \x01(\rH\x01\x88\x01\x01\x42\x07\n\x05_stepB\x07\n\x05_rank\"\xb5\x01\n\x0eReportResponse\x12\x14\n\x0c\x61\x63k_sequence\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x10\n\x08rejected\x18\x03 \x01(\r\x12,\n\nrejections\x18\x04 \x03(\x0b\x32\x18.trainguard.v1.Rejection\x12\x11\n\tduplicate\x18\x05 \x01(\x08\x12(\n\x08\x63ommands\x18\x06 \x03(\x0b\x32\x16.trainguard.v1.Command\"9\n\tRejection\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"t\n\x07\x43ommand\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\x04\x61rgs\x18\x02 \x03(\x0b\x32 .trainguard.v1.Command.ArgsEntry\x1a+\n\tArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32R\n\tTelemetry\x12\x45\n\x06Report\x12\x1c.trainguard.v1.ReportRequest\x1a\x1d.trainguard.v1.ReportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtrainguard/v1/telemetry.proto\x12\rtrainguard.v1\"\xaf\x01\n\rReportRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x13\n\x0bincarnation\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12&\n\x07records\x18\x05 \x03(\x0b\x32\x15.trainguard.v1.Record\x12\x0e\n\x06\x63lient\x18\x06 \x01(\t\x12$\n\x06\x62locks\x18\x07 \x03(\x0b\x32\x14.trainguard.v1.Block\"v\n\x05\x42lock\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\x12\r\n\x05steps\x18\x03 \x03(\x03\x12\t\n\x01t\x18\x04 \x03(\x01\x12\x0e\n\x06values\x18\x05 \x03(\x01\x12\n\n\x02\x61t\x18\x06 \x01(\r\x12\x11\n\x04rank\x18\x07 \x01(\rH\x00\x88\x01\x01\x42\x07\n\x05_rank\"\xcd\x01\n\x06Record\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\x04step\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\t\n\x01t\x18\x03 \x01(\x01\x12\r\n\x05names\x18\x04 \x03(\t\x12\x0e\n\x06values\x18\x05 \x03(\x01\x12\r\n\x05suite\x18\x06 \x01(\t\x12\r\n\x05items\x18\x07 \x03(\x01\x12\x12\n\nworld_size\x18\x08 \x01(\r\x12\x11\n\tmeta_json\x18\t \x01(\t\x12\x0e\n\x06status\x18\n \x01(\t\x12\x11\n\x04rank\x18\x0b \x01(\rH\x01\x88\x01\x01\x42\x07\n\x05_stepB\x07\n\x05_rank\"\xb5\x01\n\x0eReportResponse\x12\x14\n\x0c\x61\x63k_sequence\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x10\n\x08rejected\x18\x03 \x01(\r\x12,\n\nrejections\x18\x04 \x03(\x0b\x32\x18.trainguard.v1.Rejection\x12\x11\n\tduplicate\x18\x05 \x01(\x08\x12(\n\x08\x63ommands\x18\x06 \x03(\x0b\x32\x16.trainguard.v1.Command\"9\n\tRejection\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"t\n\x07\x43ommand\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\x04\x61rgs\x18\x02 \x03(\x0b\x32 .trainguard.v1.Command.ArgsEntry\x1a+\n\tArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32R\n\tTelemetry\x12\x45\n\x06Report\x12\x1c.trainguard.v1.ReportRequest\x1a\x1d.trainguard.v1.ReportResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMMAND_ARGSENTRY']._loaded_options = None
   _globals['_COMMAND_ARGSENTRY']._serialized_options = b'8\001'
   _globals['_REPORTREQUEST']._serialized_start=49
-  _globals['_REPORTREQUEST']._serialized_end=186
-  _globals['_RECORD']._serialized_start=189
-  _globals['_RECORD']._serialized_end=394
-  _globals['_REPORTRESPONSE']._serialized_start=397
-  _globals['_REPORTRESPONSE']._serialized_end=578
-  _globals['_REJECTION']._serialized_start=580
-  _globals['_REJECTION']._serialized_end=637
-  _globals['_COMMAND']._serialized_start=639
-  _globals['_COMMAND']._serialized_end=755
-  _globals['_COMMAND_ARGSENTRY']._serialized_start=712
-  _globals['_COMMAND_ARGSENTRY']._serialized_end=755
-  _globals['_TELEMETRY']._serialized_start=757
-  _globals['_TELEMETRY']._serialized_end=839
+  _globals['_REPORTREQUEST']._serialized_end=224
+  _globals['_BLOCK']._serialized_start=226
+  _globals['_BLOCK']._serialized_end=344
+  _globals['_RECORD']._serialized_start=347
+  _globals['_RECORD']._serialized_end=552
+  _globals['_REPORTRESPONSE']._serialized_start=555
+  _globals['_REPORTRESPONSE']._serialized_end=736
+  _globals['_REJECTION']._serialized_start=738
+  _globals['_REJECTION']._serialized_end=795
+  _globals['_COMMAND']._serialized_start=797
+  _globals['_COMMAND']._serialized_end=913
+  _globals['_COMMAND_ARGSENTRY']._serialized_start=870
+  _globals['_COMMAND_ARGSENTRY']._serialized_end=913
+  _globals['_TELEMETRY']._serialized_start=915
+  _globals['_TELEMETRY']._serialized_end=997
 # @@protoc_insertion_point(module_scope)

@@ -7,20 +7,40 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ReportRequest(_message.Message):
-    __slots__ = ("run", "rank", "incarnation", "sequence", "records", "client")
+    __slots__ = ("run", "rank", "incarnation", "sequence", "records", "client", "blocks")
     RUN_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
     run: str
     rank: int
     incarnation: str
     sequence: int
     records: _containers.RepeatedCompositeFieldContainer[Record]
     client: str
-    def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., incarnation: _Optional[str] = ..., sequence: _Optional[int] = ..., records: _Optional[_Iterable[_Union[Record, _Mapping]]] = ..., client: _Optional[str] = ...) -> None: ...
+    blocks: _containers.RepeatedCompositeFieldContainer[Block]
+    def __init__(self, run: _Optional[str] = ..., rank: _Optional[int] = ..., incarnation: _Optional[str] = ..., sequence: _Optional[int] = ..., records: _Optional[_Iterable[_Union[Record, _Mapping]]] = ..., client: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[Block, _Mapping]]] = ...) -> None: ...
+
+class Block(_message.Message):
+    __slots__ = ("kind", "names", "steps", "t", "values", "at", "rank")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    T_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    names: _containers.RepeatedScalarFieldContainer[str]
+    steps: _containers.RepeatedScalarFieldContainer[int]
+    t: _containers.RepeatedScalarFieldContainer[float]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    at: int
+    rank: int
+    def __init__(self, kind: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., steps: _Optional[_Iterable[int]] = ..., t: _Optional[_Iterable[float]] = ..., values: _Optional[_Iterable[float]] = ..., at: _Optional[int] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class Record(_message.Message):
     __slots__ = ("kind", "step", "t", "names", "values", "suite", "items", "world_size", "meta_json", "status", "rank")
