@@ -76,3 +76,33 @@ def test_rank_state_alone_folds_on_read() -> None:
     for i in range(20):
         rs.observe(Record("train", "r", 1.7e9 + i, 0, i, {"loss": float(i)}))
     assert rs.windows["loss"].values() == [float(i) for i in range(12, 20)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_blocks_leave_the_same_state_as_their_records(seed: int) -> None:
+    # A rank other than the lead has its blocks folded a column at a time; a run fed the same
+    # records one by one must end in the same state, window points and latest values included.
+    from monitor import wire
+
+    rng = random.Random(seed)
+    names = ["loss", "grad_norm", "step_time_seconds", "tokens"]
+    for cap in (2, 64):
+        recs = []
+        step = 0
+        for i in range(rng.choice([40, 900])):
+            kind = rng.choice(["train"] * 6 + ["system", "heartbeat", "eval"])
+            step += kind == "train"
+            keys = names if rng.random() < 0.9 else names[:2]
+            vals = {k: rng.uniform(0, 9) for k in keys} if kind != "heartbeat" else {}
+            recs.append(Record(kind, "r", 1.7e9 + i, 1, step, vals))
+        states = []
+        for blocks in (True, False):
+            st = RunState("r", cap)
+            st.rank(0)  # rank 0 is the lead: rank 1's blocks take the column path
+            batch = wire.decode_batch(wire.encode_batch("r", 1, "inc", 1, recs, blocks=blocks))
+            assert any(type(p) is not Record for p in batch.parts) == blocks
+            st.apply(batch.parts, 0.0)
+            rs = st.ranks[1]
+            states.append((st.records, st.clock, st.first_t, rs.records, rs.last_t, rs.last_step, rs.heartbeat_step,
+                           rs.latest, {k: repr(w.points()) for k, w in rs.windows.items()}))
+        assert states[0] == states[1]
