@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -57,8 +58,52 @@ def format_alerts(alerts: Sequence[dict[str, Any]]) -> str:
     if not alerts:
         return "no alerts"
     return table(["id", "run", "alert", "severity", "state", "rank", "step", "started", "summary"],
-                 [[a["id"], a["run"], a["name"], a["severity"], a["state"], a["rank"], a["step"],
+                 [[a["id"], a["run"], a["name"], a["severity"],
+                   a["state"] + (",silenced" if a.get("silenced") else ""), a["rank"], a["step"],
                    _when(a["started_at"]), a["summary"]] for a in alerts])
+
+
+def format_silences(silences: Sequence[dict[str, Any]]) -> str:
+    """The table that `trainguard silence --list` prints."""
+    if not silences:
+        return "no silences"
+    return table(["id", "run", "alert", "state", "ends", "created_by", "comment"],
+                 [[s["id"], s["run"], s["alert"], s["state"], _when(s["ends_at"]), s["created_by"] or "-",
+                   s["comment"] or "-"] for s in silences])
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as 90s, 30m, 2h, 1d, 1w or 1h30m (ValueError if it is not one)."""
+    t = text.strip().lower()
+    parts = _DURATION.findall(t)
+    if not t or "".join(n + u for n, u in parts) != t:
+        raise ValueError(f"{text!r} is not a duration: use a number with a unit (s, m, h, d, w), e.g. 30m, 2h, 1d")
+    seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    if seconds <= 0:
+        raise ValueError(f"{text!r}: must be longer than zero")
+    return seconds
+
+
+def _duration(v: str) -> float:
+    try:
+        return parse_duration(v)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as the largest whole units, e.g. 1d2h, 30m, 45s."""
+    s = int(round(seconds))
+    out = []
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if s >= n:
+            out.append(f"{s // n}{unit}")
+            s %= n
+    return "".join(out) or "0s"
 
 
 def format_runs(runs: Sequence[dict[str, Any]]) -> str:
@@ -70,10 +115,13 @@ def format_runs(runs: Sequence[dict[str, Any]]) -> str:
                    _when(r["last_seen"])] for r in runs])
 
 
-def _api(url: str, path: str) -> Any:
+def _api(url: str, path: str, method: str = "GET", body: Any = None) -> Any:
     full = url.rstrip("/") + path
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(full, data=data, method=method,
+                                 headers={"Content-Type": "application/json"} if data is not None else {})
     try:
-        with urllib.request.urlopen(full, timeout=10) as r:
+        with urllib.request.urlopen(req, timeout=10) as r:
             return json.load(r)
     except urllib.error.HTTPError as e:
         try:
@@ -99,7 +147,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sys.setswitchinterval(0.001)
     try:
         cfg = DaemonConfig.from_mapping(load_config_file(args.config), args.config) if args.config else DaemonConfig()
-        for name in ("host", "grpc_port", "http_port", "db"):
+        for name in ("host", "grpc_port", "http_port", "db", "alertmanager_urls", "webhook_urls"):
             v = getattr(args, name)
             if v is not None:
                 setattr(cfg, name, v)
@@ -116,7 +164,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(f"trainguard {__version__} serving: gRPC {daemon.grpc_address}, HTTP {daemon.http_url} "
-          f"(/metrics, /healthz, /api/v1/runs, /api/v1/alerts); store {os.path.abspath(cfg.db)}", flush=True)
+          f"(/metrics, /healthz, /api/v1/runs, /api/v1/alerts, /api/v1/silences); store {os.path.abspath(cfg.db)}",
+          flush=True)
     if args.ready_file:
         tmp = args.ready_file + ".tmp"
         with open(tmp, "w") as f:
@@ -182,6 +231,43 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_silence(args: argparse.Namespace) -> int:
+    if args.list:
+        silences = _api(args.url, "/api/v1/silences?" + urllib.parse.urlencode(
+            {"state": "all" if args.all else "active"}))["silences"]
+        print(json.dumps(silences, indent=2) if args.json else format_silences(silences))
+        return 0
+    if args.expire is not None:
+        s = _api(args.url, f"/api/v1/silences/{args.expire}", method="DELETE")["silence"]
+        print(json.dumps(s, indent=2) if args.json else
+              f"silence {s['id']} expired (run {s['run']}, alert {s['alert']})")
+        return 0
+    if args.duration is None:
+        raise CliError("give --for DURATION (with --run and/or --alert) to create a silence, --list to see them, "
+                       "or --expire ID to end one")
+    if args.run is None and args.alert is None:
+        raise CliError("name what to silence: --run RUN and/or --alert NAME (use '*' for any)")
+    body = {"run": args.run or "*", "alert": args.alert or "*", "duration_seconds": args.duration,
+            "comment": args.comment, "created_by": args.by}
+    res = _api(args.url, "/api/v1/silences", method="POST", body=body)
+    s = res["silence"]
+    if args.json:
+        print(json.dumps(s, indent=2))
+    else:
+        print(f"silence {s['id']}: run {s['run']}, alert {s['alert']}, for {format_duration(args.duration)} "
+              f"(until {_when(s['ends_at'])}); end it early with `trainguard silence --expire {s['id']}`")
+    return 0
+
+
+def _default_user() -> str:
+    try:
+        import getpass
+
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name is not worth an error
+        return ""
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     try:
         import torch  # noqa: F401
@@ -224,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="trainguard", formatter_class=fmt,
         description="Watch training jobs and page a person when a run goes wrong.",
         epilog="examples:\n  trainguard serve\n  trainguard demo\n  trainguard replay run.jsonl.gz\n"
-               "  trainguard runs\n  trainguard alerts --run my-run\n\n"
+               "  trainguard runs\n  trainguard alerts --run my-run\n"
+               "  trainguard silence --run my-run --alert LossSpike --for 2h\n\n"
                "Run `trainguard COMMAND --help` for each command's options.")
     p.add_argument("--version", action="version", version=f"trainguard {__version__}")
     p.add_argument("--log-level", default=os.environ.get("TRAINGUARD_LOG_LEVEL", "INFO"),
@@ -237,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  trainguard serve\n"
                               "  trainguard serve --host 0.0.0.0 --db /var/lib/trainguard/trainguard.db\n"
                               "  trainguard serve --grpc-port 0 --http-port 0 --ready-file ports.json\n"
-                              "  trainguard serve --config trainguard.toml\n\n"
+                              "  trainguard serve --config trainguard.toml\n"
+                              "  trainguard serve --alertmanager-url http://alertmanager:9093\n\n"
                               "SIGTERM or Ctrl-C shuts down gracefully: health turns NOT_SERVING, in-flight calls\n"
                               "finish, the store is flushed.")
     s.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
@@ -248,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TOML config; command-line flags override it (see README: Configuration)")
     s.add_argument("--ready-file", default=None, metavar="FILE",
                    help="write {grpc_port, http_port, pid} as JSON here once serving (useful with port 0)")
+    s.add_argument("--alertmanager-url", dest="alertmanager_urls", action="append", default=None, metavar="URL",
+                   help="push alerts to this Alertmanager (its base URL; repeat for several); replaces the "
+                        "config's alertmanager_urls")
+    s.add_argument("--webhook-url", dest="webhook_urls", action="append", default=None, metavar="URL",
+                   help="POST each alert transition as JSON to this URL (repeatable); replaces the config's "
+                        "webhook_urls")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("replay", help="stream trace files to a daemon", formatter_class=fmt,
@@ -279,10 +373,38 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  trainguard alerts\n  trainguard alerts --run my-run --state firing\n"
                               "  trainguard alerts --json")
     s.add_argument("--run", default=None, help="only this run")
-    s.add_argument("--state", default="all", choices=["firing", "resolved", "all"], help="default all")
+    s.add_argument("--state", default="all", choices=["firing", "resolved", "all", "pending"],
+                   help="default all (every alert that fired); pending: waiting for their `for`")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.add_argument("--url", default=os.environ.get("TRAINGUARD_URL", DEFAULT_URL), help=url_help)
     s.set_defaults(func=cmd_alerts)
+
+    s = sub.add_parser("silence", help="stop notifications for a run or an alert for a while", formatter_class=fmt,
+                       description="Create, list or end silences. A silenced alert still shows in the API, "
+                                   "`trainguard alerts` and trainguard_alert_active, but no notifier hears of it; "
+                                   "if it still fires when the silence ends, it is announced then. Silences are "
+                                   "stored, so they survive a daemon restart.",
+                       epilog="examples:\n"
+                              "  trainguard silence --run my-run --alert LossSpike --for 2h --comment 'bad shard'\n"
+                              "  trainguard silence --run my-run --for 30m          # every alert of one run\n"
+                              "  trainguard silence --alert LossPlateau --for 1d    # one alert in every run\n"
+                              "  trainguard silence --list\n"
+                              "  trainguard silence --list --all --json\n"
+                              "  trainguard silence --expire 3\n\n"
+                              "durations: a number with a unit, s m h d w, combinable: 90s, 30m, 2h, 1d, 1h30m")
+    s.add_argument("--run", default=None, help="the run to silence ('*' or omitted with --alert: every run)")
+    s.add_argument("--alert", default=None, help="the alert name to silence ('*' or omitted with --run: every alert)")
+    what = s.add_mutually_exclusive_group()
+    what.add_argument("--for", dest="duration", type=_duration, default=None, metavar="DURATION",
+                      help="create a silence this long, e.g. 30m, 2h, 1d")
+    what.add_argument("--list", action="store_true", help="list active silences")
+    what.add_argument("--expire", type=int, default=None, metavar="ID", help="end silence ID now")
+    s.add_argument("--comment", default="", help="why (shown in --list)")
+    s.add_argument("--by", default=_default_user(), help="who (default: your user name)")
+    s.add_argument("--all", action="store_true", help="with --list: expired ones too")
+    s.add_argument("--json", action="store_true", help="print JSON instead of text")
+    s.add_argument("--url", default=os.environ.get("TRAINGUARD_URL", DEFAULT_URL), help=url_help)
+    s.set_defaults(func=cmd_silence)
 
     s = sub.add_parser("demo", help="see trainguard catch a NaN in a live training run", formatter_class=fmt,
                        description="Start a daemon in this process, train a tiny language model on the CPU for "

@@ -235,3 +235,90 @@ def test_serve_applies_the_detector_config(daemon_process: Any, tmp_path: Path) 
     assert http_json(dp.url + "/api/v1/alerts")["alerts"] == []  # the detector was switched off
     assert dp.terminate() == 0
     assert "trainguard daemon stopped" in dp.log_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# silences
+
+
+def test_silence_help_shows_examples_and_durations() -> None:
+    out = tg("silence", "--help")
+    assert out.returncode == 0 and "usage: trainguard silence" in out.stdout
+    examples = out.stdout.split("examples:", 1)[1]
+    for line in ("trainguard silence --run my-run --alert LossSpike --for 2h", "trainguard silence --list",
+                 "trainguard silence --expire 3"):
+        assert line in examples
+    assert "30m, 2h, 1d" in out.stdout
+
+
+def test_parse_duration() -> None:
+    from monitor.cli import format_duration, parse_duration
+
+    assert [parse_duration(s) for s in ("90s", "30m", "2h", "1d", "1w", "1h30m", "1.5h", " 2H ")] == \
+        [90, 1800, 7200, 86400, 604800, 5400, 5400, 7200]
+    for bad in ("", "2", "2x", "h", "1h 30m", "-1h", "0s"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+    assert [format_duration(s) for s in (7200, 5400, 90061, 45)] == ["2h", "1h30m", "1d1h1m1s", "45s"]
+
+
+def test_silence_create_list_expire(daemon: Any) -> None:
+    url = daemon.http_url
+    out = tg("silence", "--run", "my-run", "--alert", "LossSpike", "--for", "2h", "--comment", "known bad shard",
+             "--by", "ana", "--url", url)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("silence 1: run my-run, alert LossSpike, for 2h (until ")
+    assert "trainguard silence --expire 1" in out.stdout
+    s = http_json(url + "/api/v1/silences")["silences"][0]
+    assert (s["run"], s["alert"], s["comment"], s["created_by"]) == ("my-run", "LossSpike", "known bad shard", "ana")
+    assert s["ends_at"] - s["starts_at"] == pytest.approx(7200)
+    assert tg("silence", "--alert", "MemoryLeak", "--for", "30m", "--url", url).returncode == 0
+
+    out = tg("silence", "--list", "--url", url)
+    header, rows = _table(out.stdout)
+    assert header == ["ID", "RUN", "ALERT", "STATE", "ENDS", "CREATED_BY", "COMMENT"]
+    assert [r[:4] for r in rows] == [["2", "*", "MemoryLeak", "active"], ["1", "my-run", "LossSpike", "active"]]
+    assert json.loads(tg("silence", "--list", "--json", "--url", url).stdout) == \
+        http_json(url + "/api/v1/silences")["silences"]
+
+    out = tg("silence", "--expire", "1", "--url", url)
+    assert out.returncode == 0 and out.stdout.strip() == "silence 1 expired (run my-run, alert LossSpike)"
+    assert [r[0] for r in _table(tg("silence", "--list", "--url", url).stdout)[1]] == ["2"]
+    rows = _table(tg("silence", "--list", "--all", "--url", url).stdout)[1]
+    assert [(r[0], r[3]) for r in rows] == [("2", "active"), ("1", "expired")]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--run", "r", "--for", "2x"], "argument --for: '2x' is not a duration"),
+    (["--run", "r", "--alert", "LosSpike", "--for", "1h"], "HTTP 400: alert: must be an alert name"),
+    (["--run", "r"], "give --for DURATION"),
+    (["--for", "1h"], "name what to silence: --run RUN and/or --alert NAME"),
+    (["--expire", "42"], "HTTP 404: silence 42 does not exist"),
+    (["--list", "--expire", "1"], "not allowed with argument --list"),
+])
+def test_silence_errors_exit_2_with_a_clear_message(daemon: Any, args: list[str], message: str) -> None:
+    out = tg("silence", *args, "--url", daemon.http_url)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_silence_unreachable_daemon_exits_2() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    out = tg("silence", "--list", "--url", url)
+    assert out.returncode == 2 and f"cannot reach the daemon at {url}" in out.stderr
+
+
+def test_serve_refuses_a_bad_alertmanager_url(tmp_path: Path) -> None:
+    out = tg("serve", "--alertmanager-url", "http://127.0.0.1:9093", "--alertmanager-url", "am:9093",
+             "--grpc-port", "0", "--http-port", "0", "--db", tmp_path / "t.db", timeout=30)
+    assert out.returncode == 2
+    assert "alertmanager_urls[1]: 'am:9093' is not an http:// or https:// URL" in out.stderr
+
+
+def test_alerts_table_marks_silenced_alerts() -> None:
+    from monitor.cli import format_alerts
+
+    a = {"id": 3, "run": "r", "name": "LossSpike", "severity": "warning", "state": "firing", "rank": None,
+         "step": 7, "started_at": 1.7e9, "summary": "loss 9.1 at step 7", "silenced": True}
+    _, rows = _table(format_alerts([a, {**a, "id": 2, "silenced": False}]))
+    assert [r[4] for r in rows] == ["firing,silenced", "firing"]

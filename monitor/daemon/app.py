@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,12 +16,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from monitor import wire
-from monitor.daemon.alerts import AlertManager
+from monitor.daemon.alerts import DEFAULT_RUNBOOK_URL, Alert, AlertManager, AlertRules, Silences, check_runbook_url
 from monitor.daemon.collector import DaemonCollector
-from monitor.daemon.detectors import check_config
+from monitor.daemon.detectors import ALERT_SEVERITIES, check_config
 from monitor.daemon.http import HttpServer, make_registry
 from monitor.daemon.ingest import Ingest
-from monitor.daemon.notifiers import LogNotifier
+from monitor.daemon.notifiers import AlertmanagerNotifier, LogNotifier, QueuedNotifier, WebhookNotifier, check_url
 from monitor.daemon.server import TelemetryServicer
 from monitor.daemon.state import Registry
 from monitor.daemon.store import Store
@@ -48,7 +49,21 @@ class DaemonConfig:
     janitor_interval: float = 5.0
     restore_batches: int = 200
     shutdown_grace: float = 5.0
-    runbook_url: str | None = None
+    # {alert} and {run} are filled in; "" turns the link off.
+    runbook_url: str | None = DEFAULT_RUNBOOK_URL
+    # Where links back to this daemon point (Alertmanager's generatorURL); default: the HTTP address.
+    external_url: str | None = None
+    alertmanager_urls: list[str] = field(default_factory=list)
+    webhook_urls: list[str] = field(default_factory=list)
+    # Alertmanager forgets an alert that is not sent again; Prometheus re-sends every minute too.
+    notify_resend_interval: float = 60.0
+    notify_queue_size: int = 1000  # notifications waiting per receiver before the oldest are dropped
+    notify_timeout: float = 5.0  # seconds per HTTP request to a receiver
+    notify_max_attempts: int = 8  # about a minute of retries with the backoff doubling from notify_backoff
+    notify_backoff: float = 0.5
+    alert_eval_interval: float = 1.0  # seconds between checks of pending alerts, held resolves and silences
+    shutdown_notify_timeout: float = 5.0  # seconds to deliver queued notifications at shutdown
+    alerts: dict[str, Any] = field(default_factory=dict)  # [alerts] lifecycle settings, see alerts.AlertRules
     detectors: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def validate(self) -> "DaemonConfig":
@@ -57,15 +72,38 @@ class DaemonConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or not 0 <= v <= 65535:
                 raise ConfigError(f"{name}: must be a port number 0-65535 (0 picks a free one), got {v!r}")
-        for name in ("grpc_workers", "window", "restore_batches"):
+        for name in ("grpc_workers", "window", "restore_batches", "notify_queue_size", "notify_max_attempts"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name}: must be an integer >= 1, got {v!r}")
         for name in ("rank_silent_after", "expire_finished_after", "expire_silent_after", "janitor_interval",
-                     "shutdown_grace"):
+                     "shutdown_grace", "notify_resend_interval", "notify_timeout", "notify_backoff",
+                     "alert_eval_interval", "shutdown_notify_timeout"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or v <= 0:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
                 raise ConfigError(f"{name}: must be a positive number of seconds, got {v!r}")
+        for name in ("alertmanager_urls", "webhook_urls"):
+            v = getattr(self, name)
+            if not isinstance(v, (list, tuple)):
+                raise ConfigError(f"{name}: expected a list of URLs, got {v!r}")
+            for i, url in enumerate(v):
+                try:
+                    check_url(url, f"{name}[{i}]")
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
+        if self.external_url is not None:
+            try:
+                check_url(self.external_url, "external_url")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        if self.runbook_url is not None and not isinstance(self.runbook_url, str):
+            raise ConfigError(f"runbook_url: expected a URL pattern such as \"https://wiki/{{alert}}\", "
+                              f"got {self.runbook_url!r}")
+        try:
+            check_runbook_url(self.runbook_url)
+            self.alert_rules()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if not self.db:
             raise ConfigError("db: must be a file path (or :memory: is not supported; use a temporary file)")
         try:
@@ -74,19 +112,26 @@ class DaemonConfig:
             raise ConfigError(str(e)) from None
         return self
 
+    def alert_rules(self) -> AlertRules:
+        """The lifecycle settings of every alert, from the [alerts] table."""
+        if not isinstance(self.alerts, Mapping):
+            raise ConfigError(f"alerts: expected a table, got {self.alerts!r}")
+        return AlertRules.from_config(self.alerts, ALERT_SEVERITIES)
+
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> "DaemonConfig":
         """Build from a parsed config file; unknown keys are an error, not a silent typo."""
         known = {f.name for f in dataclasses.fields(cls)}
         section = data.get("daemon", data) if isinstance(data.get("daemon"), Mapping) else data
         extra = set(section) - known - {"daemon"}
-        if section is not data:  # beside [daemon], only [detectors] belongs at the top level
-            extra |= set(data) - {"daemon", "detectors"}
+        if section is not data:  # beside [daemon], only [alerts] and [detectors] belong at the top level
+            extra |= set(data) - {"daemon", "alerts", "detectors"}
         if extra:
             raise ConfigError(f"{source}: unknown setting(s) {', '.join(sorted(extra))}; known: {', '.join(sorted(known))}")
         kwargs = {k: v for k, v in section.items() if k in known}
-        if "detectors" in data and "detectors" not in kwargs:
-            kwargs["detectors"] = data["detectors"]
+        for table in ("alerts", "detectors"):
+            if table in data and table not in kwargs:
+                kwargs[table] = data[table]
         return cls(**kwargs)
 
 
@@ -114,7 +159,10 @@ class Daemon:
         os.makedirs(db_dir, exist_ok=True)
         self.store = Store(config.db)
         self.registry = Registry(window_cap=config.window)
-        self.alerts = AlertManager(self.store, [LogNotifier()], runbook_url=config.runbook_url)
+        self.notifiers: list[QueuedNotifier] = self._build_notifiers()
+        self.silences = Silences(self.store, ALERT_SEVERITIES)
+        self.alerts = AlertManager(self.store, [LogNotifier(), *self.notifiers], runbook_url=config.runbook_url,
+                                   rules=config.alert_rules(), silences=self.silences)
         self.ingest = Ingest(self.registry, self.store, self.alerts, config.detectors)
         self.runs_expired = 0
         self.serving = False
@@ -124,8 +172,20 @@ class Daemon:
         self._http: HttpServer | None = None
         self._stop = threading.Event()
         self._janitor: threading.Thread | None = None
+        self._evaluator: threading.Thread | None = None
         self.grpc_port = 0
         self.http_port = 0
+
+    def _build_notifiers(self) -> list[QueuedNotifier]:
+        c = self.config
+        kw: dict[str, Any] = {"queue_size": c.notify_queue_size, "timeout": c.notify_timeout,
+                              "max_attempts": c.notify_max_attempts, "backoff": c.notify_backoff}
+        out: list[QueuedNotifier] = []
+        for i, url in enumerate(c.alertmanager_urls, 1):
+            out.append(AlertmanagerNotifier(f"alertmanager-{i}", url, resend_interval=c.notify_resend_interval, **kw))
+        for i, url in enumerate(c.webhook_urls, 1):
+            out.append(WebhookNotifier(f"webhook-{i}", url, **kw))
+        return out
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -159,6 +219,11 @@ class Daemon:
             self._grpc.stop(0)
             raise ConfigError(f"http_port: cannot listen on {c.host}:{c.http_port} ({e.strerror})") from None
         self.http_port = self._http.port
+        for n in self.notifiers:
+            if isinstance(n, AlertmanagerNotifier):
+                n.external_url = self.external_url
+            n.start()
+            log.info("notifier %s: %s", n.name, n.url)
         self._grpc.start()
         self._http.start()
         for svc in ("", wire.SERVICE):
@@ -166,6 +231,8 @@ class Daemon:
         self.serving = True
         self._janitor = threading.Thread(target=self._janitor_loop, name="trainguard-janitor", daemon=True)
         self._janitor.start()
+        self._evaluator = threading.Thread(target=self._evaluate_loop, name="trainguard-alerts", daemon=True)
+        self._evaluator.start()
         return self
 
     @property
@@ -178,10 +245,24 @@ class Daemon:
         """Base URL of the HTTP endpoint."""
         return f"http://{self.config.host}:{self.http_port}"
 
+    @property
+    def external_url(self) -> str:
+        """The daemon's URL as others should use it (external_url, or the HTTP address with a real host name)."""
+        if self.config.external_url:
+            return self.config.external_url.rstrip("/")
+        host = self.config.host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.getfqdn()
+        return f"http://{host}:{self.http_port}"
+
     def flush(self, timeout: float = 10.0) -> bool:
-        """Persist run summaries and wait for the store to commit."""
+        """Persist run summaries, wait for the store to commit and for notifiers to deliver what is queued."""
         self._save_runs()
-        return self.store.flush(timeout)
+        deadline = time.monotonic() + timeout
+        ok = self.store.flush(timeout)
+        for n in self.notifiers:
+            ok = n.flush(max(0.0, deadline - time.monotonic())) and ok
+        return ok
 
     def close(self, timeout: float | None = None) -> None:
         """Graceful shutdown: report NOT_SERVING, drain in-flight calls, flush the store."""
@@ -192,9 +273,21 @@ class Daemon:
         if self._grpc is not None:
             self._grpc.stop(grace).wait(grace + 1.0)
         self._stop.set()
-        if self._janitor is not None:
-            self._janitor.join(2.0)
+        for t in (self._janitor, self._evaluator):
+            if t is not None:
+                t.join(2.0)
         self._save_runs()
+        # A final sweep announces what a silence that just ended was holding back, then each
+        # notifier gets one flush and shutdown_notify_timeout in all to deliver its queue.
+        try:
+            self.alerts.sweep()
+        except Exception:  # noqa: BLE001
+            log.exception("final alert sweep failed")
+        deadline = time.monotonic() + self.config.shutdown_notify_timeout
+        for n in self.notifiers:
+            n.flush(max(0.0, deadline - time.monotonic()))
+        for n in self.notifiers:
+            n.close(max(0.0, deadline - time.monotonic()))
         self.store.close(max(grace, 5.0))
         if self._http is not None:
             self._http.close()
@@ -208,19 +301,46 @@ class Daemon:
     # -- queries -----------------------------------------------------------------------------------
 
     def list_alerts(self, run: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
-        """Alerts as the API returns them: live runs from memory, others from the store."""
-        out = [a.to_api() for a in self.alerts.alerts(run, state)]
-        if run is not None and self.registry.get(run) is None:
-            from monitor.daemon.alerts import Alert
+        """Alerts as the API returns them: live runs from memory, others from the store.
 
-            out = [Alert.from_dict(a).to_api() for a in self.store.load_alerts(run=run, state=state)]
-        return out
+        `state` None means every alert that fired; pending ones are listed only with state "pending".
+        """
+        now = time.time()
+        if run is not None and self.registry.get(run) is None:
+            rows = [a for a in self.store.load_alerts(run=run, state=state) if state or a["state"] != "pending"]
+            return [self.alerts.to_api(Alert.from_dict(a), now) for a in rows]
+        return [self.alerts.to_api(a, now) for a in self.alerts.alerts(run, state)]
+
+    def evaluate_alerts(self, positions: dict[str, tuple[float, int | None]]) -> dict[str, tuple[float, int | None]]:
+        """Advance each run's alerts to the event time and step in `positions`; return the positions now.
+
+        The loop passes what it read one round earlier: ingest hands a batch's findings to the alert
+        manager just after it releases the run, and a position read in that gap could otherwise fire
+        or resolve an alert before the findings of the records that moved the clock were seen.
+        """
+        for run, (t, step) in positions.items():
+            if self.registry.get(run) is not None:
+                self.alerts.advance(run, t, step)
+        self.alerts.sweep()
+        now: dict[str, tuple[float, int | None]] = {}
+        for st in self.registry.snapshot():
+            with st.lock:
+                now[st.run] = (st.clock, st.last_step())
+        return now
 
     # -- housekeeping ------------------------------------------------------------------------------
 
     def _save_runs(self) -> None:
         for st in self.registry.snapshot():
             self.store.put_run(self.ingest.snapshot_run(st))
+
+    def _evaluate_loop(self) -> None:
+        positions: dict[str, tuple[float, int | None]] = {}
+        while not self._stop.wait(self.config.alert_eval_interval):
+            try:
+                positions = self.evaluate_alerts(positions)
+            except Exception:  # noqa: BLE001
+                log.exception("alert evaluation failed")
 
     def _janitor_loop(self) -> None:
         while not self._stop.wait(self.config.janitor_interval):

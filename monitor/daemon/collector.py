@@ -108,9 +108,12 @@ class DaemonCollector:
                 world.add_metric([run], st.effective_world_size)
                 reporting.add_metric([run], st.ranks_reporting(silent_after))
                 for det in st.detectors:
-                    v = det.statistic()
+                    try:
+                        v = det.statistic()
+                    except Exception:  # noqa: BLE001 - one broken detector must not break the scrape
+                        continue
                     if v is not None:
-                        det_stat.add_metric([run, det.name], v)
+                        det_stat.add_metric([run, det.name], float(v))
         yield from run_fams.values()
         yield step
         yield tps
@@ -131,6 +134,28 @@ class DaemonCollector:
             fired.add_metric([run, name], count)
         yield active
         yield fired
+
+        # Network notifiers only: the log notifier writes synchronously and has nothing to lose.
+        sent = CounterMetricFamily("trainguard_notifications", "Alert notifications by receiver and outcome: sent, "
+                                   "failed (refused, or given up after retries) or dropped (queue full, shutdown).",
+                                   labels=["notifier", "outcome"])
+        retries = CounterMetricFamily("trainguard_notification_retries", "Delivery attempts that failed and were "
+                                      "retried.", labels=["notifier"])
+        depth = GaugeMetricFamily("trainguard_notifier_queue_depth", "Notifications waiting to be delivered.",
+                                  labels=["notifier"])
+        for n in getattr(d, "notifiers", ()):
+            for outcome, v in (("sent", n.sent), ("failed", n.failed), ("dropped", n.dropped)):
+                sent.add_metric([n.name, outcome], v)
+            retries.add_metric([n.name], n.retries)
+            depth.add_metric([n.name], n.queue_depth)
+        yield sent
+        yield retries
+        yield depth
+        silences = getattr(d, "silences", None)
+        if silences is not None:
+            g = GaugeMetricFamily("trainguard_silences_active", "Silences in force now.")
+            g.add_metric([], silences.active_count())
+            yield g
 
         ing = d.ingest
         c = CounterMetricFamily("trainguard_ingest_batches", "Batches applied (resends not counted).")

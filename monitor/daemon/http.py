@@ -5,17 +5,21 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from monitor.daemon.alerts import json_number
+from monitor.daemon.alerts import SilenceError, json_number
 
 log = logging.getLogger("trainguard.http")
 _SEVERITY = {"info": 1, "warning": 2, "critical": 3}
-ALERT_STATES = ("firing", "resolved", "all")
+# "all" is every alert that fired; pending ones (waiting for their `for`) are listed on their own.
+ALERT_STATES = ("firing", "resolved", "all", "pending")
+SILENCE_STATES = ("active", "expired", "all")
+MAX_BODY = 64 * 1024
 
 
 class ApiError(Exception):
@@ -70,7 +74,7 @@ def run_detail(d: Any, st: Any) -> dict[str, Any]:
                 "client": {k: json_number(v) for k, v in rs.client.items()},
             })
         out["ranks"] = ranks
-    out["alerts"] = [a.to_api() for a in d.alerts.alerts(run=st.run)[:50]]
+    out["alerts"] = [d.alerts.to_api(a) for a in d.alerts.alerts(run=st.run)[:50]]
     return out
 
 
@@ -94,6 +98,85 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:  # noqa: N802
         self.do_GET()
+
+    def _body(self) -> Any:
+        """The request's JSON body (ApiError 400/413 when it is missing, too big or not JSON)."""
+        try:
+            n = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise ApiError(400, "Content-Length: not a number") from None
+        if n > MAX_BODY:
+            # Read a moderately big body so the client sees our answer rather than a reset connection.
+            if n <= 16 * MAX_BODY:
+                self.rfile.read(n)
+            else:
+                self.close_connection = True
+            raise ApiError(413, f"body: at most {MAX_BODY} bytes, got {n}")
+        raw = self.rfile.read(n) if n > 0 else b""
+        if not raw:
+            raise ApiError(400, "body: expected a JSON object")
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ApiError(400, f"body: not valid JSON ({e})") from None
+
+    def _silence_id(self, path: str) -> int:
+        raw = unquote(path[len("/api/v1/silences/"):])
+        try:
+            return int(raw)
+        except ValueError:
+            raise ApiError(400, f"silence id: {raw!r} is not a number") from None
+
+    def _guard(self, path: str, fn: Any) -> None:
+        try:
+            fn()
+        except ApiError as e:
+            self._json(e.status, {"error": e.message})
+        except BrokenPipeError:
+            pass
+        except Exception as e:  # noqa: BLE001
+            log.exception("HTTP %s %s failed", self.command, path)
+            try:
+                self._json(500, {"error": f"internal error: {e}"})
+            except OSError:
+                pass
+
+    def do_POST(self) -> None:  # noqa: N802
+        d = self.daemon
+        path = urlsplit(self.path).path
+
+        def handle() -> None:
+            if path != "/api/v1/silences":
+                raise ApiError(404 if not path.startswith("/api/v1/silences/") else 405,
+                               f"no such endpoint for POST: {path}")
+            body = self._body()
+            try:
+                s = d.silences.create(body)
+            except SilenceError as e:
+                raise ApiError(400, str(e)) from None
+            log.info("silence %d created by %s: run %s, alert %s, until %.0f: %s", s.id, s.created_by or "-",
+                     s.run, s.alert, s.ends_at, s.comment)
+            self._json(200, {"id": s.id, "silence": s.to_api(s.created_at)})
+
+        self._guard(path, handle)
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        d = self.daemon
+        path = urlsplit(self.path).path
+
+        def handle() -> None:
+            if not path.startswith("/api/v1/silences/"):
+                raise ApiError(404, f"no such endpoint for DELETE: {path}")
+            sid = self._silence_id(path)
+            s = d.silences.expire(sid)
+            if s is None:
+                raise ApiError(404, f"silence {sid} does not exist")
+            log.info("silence %d expired", sid)
+            # Whatever it held back and still fires is announced now, not at the next evaluation.
+            d.alerts.sweep()
+            self._json(200, {"silence": s.to_api(time.time())})
+
+        self._guard(path, handle)
 
     def do_GET(self) -> None:  # noqa: N802
         d = self.daemon
@@ -126,9 +209,22 @@ class _Handler(BaseHTTPRequestHandler):
                 if state not in ALERT_STATES:
                     raise ApiError(400, f"state: {state!r} is not one of {', '.join(ALERT_STATES)}")
                 self._json(200, {"alerts": d.list_alerts(query.get("run"), None if state == "all" else state)})
+            elif path == "/api/v1/silences":
+                state = query.get("state", "active")
+                if state not in SILENCE_STATES:
+                    raise ApiError(400, f"state: {state!r} is not one of {', '.join(SILENCE_STATES)}")
+                now = time.time()
+                self._json(200, {"silences": [s.to_api(now) for s in d.silences.list(state, now)]})
+            elif path.startswith("/api/v1/silences/"):
+                s = d.silences.get(self._silence_id(path))
+                if s is None:
+                    raise ApiError(404, f"silence {path.rsplit('/', 1)[-1]} does not exist")
+                self._json(200, {"silence": s.to_api(time.time())})
             elif path in ("/", "/api/v1"):
                 self._json(200, {"endpoints": ["/metrics", "/healthz", "/api/v1/runs", "/api/v1/runs/{run}",
-                                               "/api/v1/alerts?run=RUN&state=firing|resolved|all"]})
+                                               "/api/v1/alerts?run=RUN&state=firing|resolved|all|pending",
+                                               "/api/v1/silences?state=active|expired|all",
+                                               "POST /api/v1/silences", "DELETE /api/v1/silences/{id}"]})
             else:
                 raise ApiError(404, f"no such endpoint: {path}")
         except ApiError as e:

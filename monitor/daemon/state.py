@@ -313,6 +313,7 @@ class RunState:
         self.run_status: str | None = None  # set once every reporting rank sent `end`
         self._unsettled: list[RankState] = []
         self._next_tick = 0.0
+        self._meta_rank = 1 << 62
 
     def set_detectors(self, detectors: list[Any]) -> None:
         """Install the run's detectors and index them by the record kinds they read."""
@@ -355,8 +356,9 @@ class RunState:
         if rec.kind == "run":
             if rec.world_size:
                 self.world_size = max(self.world_size or 0, rec.world_size)
-            if rec.meta:
-                self.meta = rec.meta
+            if rec.meta and rec.rank <= self._meta_rank:
+                self.meta = rec.meta  # the lowest rank's account of the run wins over the others'
+                self._meta_rank = rec.rank
             self.run_status = None  # a restarted job announces itself again
         elif rec.kind == "end":
             self._update_status()

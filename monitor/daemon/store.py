@@ -40,7 +40,15 @@ CREATE TABLE IF NOT EXISTS batches (
   UNIQUE (run, rank, incarnation, seq)
 );
 CREATE INDEX IF NOT EXISTS batches_by_time ON batches (run, t_min, t_max);
+CREATE TABLE IF NOT EXISTS silences (
+  id INTEGER PRIMARY KEY, run TEXT NOT NULL, alert TEXT NOT NULL, starts_at REAL NOT NULL, ends_at REAL NOT NULL,
+  comment TEXT, created_by TEXT, created_at REAL
+);
 """
+# Columns added after a table was first created: (table, column, type). Added on open when missing.
+_ADDED_COLUMNS = (
+    ("alerts", "lifecycle", "TEXT"),  # pending/hold bookkeeping of a live alert, JSON
+)
 
 
 class StoreError(RuntimeError):
@@ -81,6 +89,10 @@ class Store:
         conn = self._connect()
         with conn:
             conn.executescript(_SCHEMA)
+            for table, column, ctype in _ADDED_COLUMNS:
+                have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {ctype}")
             row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:
                 conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -155,6 +167,14 @@ class Store:
         """Insert or update a run summary."""
         self._q.put(("run", (run,), None))
 
+    def delete_alert(self, alert_id: int) -> None:
+        """Remove an alert that never fired (a pending one whose condition ended)."""
+        self._q.put(("alert_delete", (alert_id,), None))
+
+    def put_silence(self, silence: dict[str, Any]) -> None:
+        """Insert or update a silence (by id)."""
+        self._q.put(("silence", (silence,), None))
+
     def _writer_loop(self) -> None:
         conn = self._connect()
         while True:
@@ -186,6 +206,10 @@ class Store:
                         self._write_alert(conn, *args)
                     elif kind == "run":
                         self._write_run(conn, *args)
+                    elif kind == "alert_delete":
+                        conn.execute("DELETE FROM alerts WHERE id = ?", args)
+                    elif kind == "silence":
+                        self._write_silence(conn, *args)
                     elif kind == "stop":
                         stop = True
                 if rows:
@@ -228,13 +252,22 @@ class Store:
     def _write_alert(self, conn: sqlite3.Connection, a: dict[str, Any]) -> None:
         conn.execute(
             "INSERT INTO alerts (id, run, name, severity, state, rank, step, started_at, resolved_at, summary, "
-            "description, value, labels, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "description, value, labels, updated_at, lifecycle) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(id) DO UPDATE SET state=excluded.state, resolved_at=excluded.resolved_at, "
             "summary=excluded.summary, description=excluded.description, value=excluded.value, "
-            "labels=excluded.labels, updated_at=excluded.updated_at",
+            "labels=excluded.labels, updated_at=excluded.updated_at, lifecycle=excluded.lifecycle",
             (a["id"], a["run"], a["name"], a["severity"], a["state"], a["rank"], a["step"], a["started_at"],
              a["resolved_at"], a["summary"], a["description"], _value_text(a["value"]),
-             json.dumps(a["labels"]), time.time()))
+             json.dumps(a["labels"]), time.time(),
+             None if a.get("lifecycle") is None else json.dumps(a["lifecycle"])))
+
+    def _write_silence(self, conn: sqlite3.Connection, s: dict[str, Any]) -> None:
+        conn.execute(
+            "INSERT INTO silences (id, run, alert, starts_at, ends_at, comment, created_by, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET ends_at=excluded.ends_at, "
+            "comment=excluded.comment",
+            (s["id"], s["run"], s["alert"], s["starts_at"], s["ends_at"], s["comment"], s["created_by"],
+             s["created_at"]))
 
     def _write_run(self, conn: sqlite3.Connection, r: dict[str, Any]) -> None:
         conn.execute(
@@ -272,20 +305,32 @@ class Store:
             where.append("state = ?")
             args.append(state)
         sql = ("SELECT id, run, name, severity, state, rank, step, started_at, resolved_at, summary, description, "
-               "value, labels FROM alerts")
+               "value, labels, lifecycle FROM alerts")
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC LIMIT ?"
         args.append(limit)
         keys = ("id", "run", "name", "severity", "state", "rank", "step", "started_at", "resolved_at", "summary",
-                "description", "value", "labels")
+                "description", "value", "labels", "lifecycle")
         out = []
         for row in self._reader().execute(sql, args):
             a = dict(zip(keys, row))
             a["value"] = _value_float(a["value"])
             a["labels"] = json.loads(a["labels"] or "{}")
+            a["lifecycle"] = json.loads(a["lifecycle"]) if a["lifecycle"] else None
             out.append(a)
         return out
+
+    def load_silences(self) -> list[dict[str, Any]]:
+        """Every stored silence, oldest first."""
+        keys = ("id", "run", "alert", "starts_at", "ends_at", "comment", "created_by", "created_at")
+        rows = self._reader().execute(f"SELECT {', '.join(keys)} FROM silences ORDER BY id")
+        return [dict(zip(keys, row)) for row in rows]
+
+    def max_silence_id(self) -> int:
+        """The largest silence id used so far."""
+        row = self._reader().execute("SELECT MAX(id) FROM silences").fetchone()
+        return int(row[0] or 0)
 
     def max_alert_id(self) -> int:
         """The largest alert id used so far."""

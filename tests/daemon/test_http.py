@@ -19,7 +19,7 @@ from tests.helpers import http_json, http_text, metrics, sample
 
 T0 = 1_700_000_000.0
 RUN_KEYS = {"run", "world_size", "ranks_reporting", "last_step", "last_seen", "status", "health"}
-ALERT_KEYS = {"id", "run", "name", "severity", "state", "rank", "step", "started_at", "resolved_at", "summary",
+ALERT_KEYS = {"silenced", "id", "run", "name", "severity", "state", "rank", "step", "started_at", "resolved_at", "summary",
               "description", "value", "labels"}
 RANK_KEYS = {"rank", "last_step", "heartbeat_step", "last_seen", "status", "records", "step_time_seconds",
              "compute_time_seconds", "tokens_per_second", "host_rss_bytes", "gpu_memory_allocated_bytes", "client"}
@@ -205,6 +205,7 @@ def test_alerts_api_filters_by_state_and_run(fed: Fed) -> None:
         "id": 1, "run": "flappy-run", "name": "NonFinite", "severity": "critical", "state": "resolved",
         "rank": None, "step": 5, "started_at": T0 + 105, "resolved_at": T0 + 125,
         "summary": old["summary"], "description": old["description"], "value": "nan", "labels": old["labels"],
+        "silenced": False,
     }
     assert "step 5" in old["summary"] and old["description"]
     assert old["labels"]["metric"] == "loss" and old["labels"]["first_rank"] == "0"
