@@ -47,7 +47,8 @@ def daemon_process(tmp_path: Path) -> Iterator[DaemonProcess]:
 @pytest.fixture(autouse=True)
 def _no_env_leaks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests set their own addresses; a developer's environment must not steer them."""
-    for var in ("TRAINGUARD_ADDRESS", "TRAINGUARD_RUN", "TRAINGUARD_RECORD", "TORCHELASTIC_RUN_ID", "RANK"):
+    for var in ("TRAINGUARD_ADDRESS", "TRAINGUARD_RUN", "TRAINGUARD_RUN_GENERATED", "TRAINGUARD_RECORD",
+                "TORCHELASTIC_RUN_ID", "RANK"):
         monkeypatch.delenv(var, raising=False)
 
 

@@ -30,6 +30,36 @@ log = logging.getLogger("trainguard.client")
 DEFAULT_ADDRESS = "127.0.0.1:9751"
 RETRYABLE_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
 _OFF = ("", "off", "none", "0")
+# Kinds whose records keep their order behind a record that waits for a device value.
+_ORDERED_KINDS = frozenset({"train", "eval", "probe", "end"})
+_PLAIN = frozenset({float, int, bool})
+
+
+class Deferred:
+    """A value still on its way from a device: `ready()` never blocks, `float()` reads it once ready.
+
+    The training thread wraps a device tensor in one (an asynchronous copy and an event); the
+    sender thread holds the record back until `ready()` and only then reads it, so neither thread
+    ever waits on the device.
+    """
+
+    __slots__ = ("created",)
+
+    def __init__(self) -> None:
+        self.created = time.monotonic()
+
+    def ready(self) -> bool:
+        """Whether float() can return without waiting."""
+        return True
+
+    def __float__(self) -> float:
+        raise NotImplementedError
+
+
+def _device_tensor(v: Any) -> bool:
+    """A torch tensor that lives off the host (checked without importing torch)."""
+    dev = getattr(v, "device", None)
+    return dev is not None and getattr(dev, "type", "cpu") != "cpu" and hasattr(v, "detach")
 
 
 def _env_run() -> str | None:
@@ -84,6 +114,7 @@ class Reporter:
         heartbeat_interval: float = 1.0,
         timeout: float = 10.0,
         max_backoff: float = 5.0,
+        device_wait: float = 120.0,
         start: bool = True,
     ):
         run = run or _env_run() or generate_run_id()
@@ -109,6 +140,7 @@ class Reporter:
         self.heartbeat_interval = heartbeat_interval
         self.timeout = timeout
         self.max_backoff = max_backoff
+        self.device_wait = device_wait
         self._init_state()
         _live.add(self)
         self._register_fork_hook()
@@ -121,6 +153,8 @@ class Reporter:
         self.incarnation = uuid.uuid4().hex[:16]
         self._q: collections.deque[tuple] = collections.deque()
         self._backlog: collections.deque[Record] = collections.deque()
+        # Records taken off the queue whose device values are not copied yet, in order.
+        self._held: collections.deque[tuple] = collections.deque()
         self._inflight: tuple[int, list[Record], bytes] | None = None
         self._seq = 0
         self._lock = threading.Lock()  # guards the rare-path counters only
@@ -246,7 +280,8 @@ class Reporter:
 
     def stats(self) -> ReporterStats:
         """A snapshot of the reporter's counters."""
-        depth = len(self._q) + len(self._backlog) + (len(self._inflight[1]) if self._inflight else 0)
+        depth = (len(self._q) + len(self._held) + len(self._backlog)
+                 + (len(self._inflight[1]) if self._inflight else 0))
         # Read while the sender drains, a record can sit between the queue and the taken count for
         # a moment; the high-water mark keeps the exported counter from ever going backwards.
         queued = max(self._queued_seen, self._taken + self._dropped_unread + len(self._q))
@@ -312,8 +347,8 @@ class Reporter:
 
     def _pending(self) -> bool:
         if self.address is None:
-            return bool(self._q)
-        return bool(self._q or self._backlog or self._inflight)
+            return bool(self._q or self._held)
+        return bool(self._q or self._held or self._backlog or self._inflight)
 
     def _sender_loop(self) -> None:
         while True:
@@ -321,6 +356,8 @@ class Reporter:
                 wait = self.flush_interval
                 if self._inflight is not None:
                     wait = min(wait, max(0.0, self._retry_at - time.monotonic()))
+                if self._held:
+                    wait = min(wait, 0.005)  # a device value is on its way: look again soon
                 self._wake.wait(wait)
                 self._wake.clear()
                 self._drain()
@@ -335,24 +372,78 @@ class Reporter:
                 self._warn(self._last_error)
                 time.sleep(0.1)
 
+    def _unready(self, item: tuple) -> tuple | None:
+        """None when every value of a queued record can be read now; else the record, its device values wrapped."""
+        values = item[2]
+        if not values or item[0] not in _ORDERED_KINDS:
+            return None
+        try:
+            waiting = False
+            out = None
+            for k, v in values.items():
+                if type(v) in _PLAIN:
+                    continue
+                if isinstance(v, Deferred):
+                    if not v.ready() and time.monotonic() - v.created < self.device_wait:
+                        waiting = True
+                elif _device_tensor(v):
+                    # A device tensor handed to log() directly: start its copy here rather than let
+                    # float() wait on the device.
+                    from monitor.client.collect import read_later
+
+                    if out is None:
+                        out = dict(values)
+                    out[k] = d = read_later(v)
+                    if isinstance(d, Deferred) and not d.ready():
+                        waiting = True
+            if out is not None:
+                item = (item[0], item[1], out, item[3], item[4])
+            return item if waiting or out is not None else None
+        except Exception:  # noqa: BLE001 - a value that cannot be inspected is read (and counted) later
+            return None
+
     def _drain(self) -> None:
         q = self._q
-        if not q:
+        held = self._held
+        if not q and not held:
             return
         recs: list[Record] = []
         run, rank = self.run, self.rank
+        to_record = self._to_record
+        while held and self._ready_now(held[0]):
+            kind, step, values, t, fields = held.popleft()
+            rec = to_record(kind, run, t, rank, step, values, fields)
+            if rec is not None:
+                recs.append(rec)
         popleft = q.popleft
         taken = 0
         while True:
             try:
-                kind, step, values, t, fields = popleft()
+                item = popleft()
             except IndexError:
                 break
             taken += 1
-            rec = self._to_record(kind, run, t, rank, step, values, fields)
+            kind = item[0]
+            if held and kind in _ORDERED_KINDS:
+                held.append(self._unready(item) or item)
+                continue
+            wait = self._unready(item)
+            if wait is not None:
+                if not self._ready_now(wait):
+                    held.append(wait)
+                    continue
+                item = wait
+            kind, step, values, t, fields = item
+            rec = to_record(kind, run, t, rank, step, values, fields)
             if rec is not None:
                 recs.append(rec)
         self._taken += taken
+        if len(held) > self.max_queue:
+            over = len(held) - self.max_queue
+            for _ in range(over):
+                held.popleft()
+            with self._lock:
+                self._dropped += over
         if self._writer:
             try:
                 self._writer.write(recs)
@@ -371,6 +462,19 @@ class Reporter:
                 backlog.popleft()
             with self._lock:
                 self._dropped += over
+
+    def _ready_now(self, item: tuple) -> bool:
+        """Whether every deferred value of a record can be read now (or has waited past device_wait)."""
+        if not item[2]:
+            return True
+        now = time.monotonic()
+        try:
+            for v in item[2].values():
+                if isinstance(v, Deferred) and not v.ready() and now - v.created < self.device_wait:
+                    return False
+        except Exception:  # noqa: BLE001 - not a mapping, or ready() failed: _to_record counts it
+            pass
+        return True
 
     def _to_record(self, kind: Any, run: str, t: Any, rank: int, step: Any, values: Any,
                    fields: dict[str, Any] | None) -> Record | None:

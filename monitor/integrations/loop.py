@@ -1,130 +1,264 @@
-"""Plain PyTorch loops: `monitor.watch(model, optimizer)` and `mon.step(loss=...)`."""
+"""Plain PyTorch loops and torchrun: `monitor.watch(model, optimizer)` and `mon.step(loss=...)`.
+
+Watch is also the base the framework integrations build on: it resolves the rank's identity,
+announces the run, hooks the model and the optimizer for the collectors in monitor.client.collect,
+and turns each step into one `train` record without waiting on the device.
+"""
 
 from __future__ import annotations
 
-import os
-import platform
-import socket
-import threading
+import atexit
+import sys
 import time
+import weakref
 from typing import Any
 
-from monitor.client.collect import system_values
+from monitor.client.collect import (ForwardProbe, SystemSampler, UpdateRatio, grad_norms, read_later,
+                                    top_level_groups)
+from monitor.client.identity import Identity, framework_meta, resolve_identity
 from monitor.client.reporter import Reporter
 
+_GRAD_NORM_AT = ("backward", "optimizer", "off")
 
-def _rank_and_world() -> tuple[int, int]:
+
+def _cuda_index(params: list[Any]) -> int | None:
+    """The CUDA device the model lives on (None on a CPU), for the system sampler's thread."""
+    for p in params:
+        dev = getattr(p, "device", None)
+        if getattr(dev, "type", None) == "cuda":
+            return dev.index if dev.index is not None else 0
+        break
+    torch = sys.modules.get("torch")
     try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            return torch.cuda.current_device()
     except Exception:  # noqa: BLE001
         pass
-    return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return None
 
 
 class Watch:
-    """Reports one plain training loop. Call `step()` once per optimizer step."""
+    """Reports one training loop, on every rank. Call `step()` once per optimizer step.
+
+    Per step: loss, the global gradient norm before clipping, lr, loss_scale (with `scaler`),
+    step_time_seconds, and from hooks on the model compute_time_seconds, data_time_seconds, samples
+    and tokens. Every `norms_every` steps: param_norm and update_ratio; every `group_norms_every`
+    steps: grad_norm/<top-level module>. Every `system_interval` seconds: memory, CPU, GPU.
+
+    The gradient norm is taken when backward ends (after DDP's all-reduce, before any clipping,
+    divided by the GradScaler's scale): `grad_norm_at="backward"`. Without a model it falls back to
+    the optimizer's step pre-hook (`"optimizer"`, which sees clipped grads when you clip); `"off"`
+    computes none. An explicit `step(grad_norm=...)` always wins.
+    """
 
     def __init__(self, model: Any = None, optimizer: Any = None, *, run: str | None = None,
                  reporter: Reporter | None = None, system_interval: float = 5.0,
-                 meta: dict[str, Any] | None = None, **reporter_kwargs: Any):
-        rank, world = _rank_and_world()
-        self.reporter = reporter or Reporter(run=run, rank=rank, **reporter_kwargs)
+                 meta: dict[str, Any] | None = None, scaler: Any = None, grad_norm_at: str = "backward",
+                 norms_every: int = 50, group_norms_every: int = 0, framework: str = "torch",
+                 batch_size: int | None = None, max_steps: int | None = None, share_run_id: bool = True,
+                 hooks: bool = True, **reporter_kwargs: Any):
+        if grad_norm_at not in _GRAD_NORM_AT:
+            raise ValueError(f"grad_norm_at must be one of {_GRAD_NORM_AT}, got {grad_norm_at!r}")
+        if reporter is not None:
+            ident = resolve_identity(reporter.run, agree=False)
+            ident = Identity(**{**ident.as_dict(), "rank": reporter.rank})
+        else:
+            ident = resolve_identity(run, agree=share_run_id)
+            reporter = Reporter(run=ident.run, rank=ident.rank, **reporter_kwargs)
+        self.identity: Identity = ident
+        self.reporter = reporter
         self.model = model
         self.optimizer = optimizer
+        self.scaler = scaler
+        self.grad_norm_at = grad_norm_at
+        self.norms_every = max(0, int(norms_every or 0))
+        self.group_norms_every = max(0, int(group_norms_every or 0))
         self.step_count = 0
-        self._last = time.perf_counter()
-        self._grad_norm: Any = None
-        self._hook = None
         self._closed = False
-        if optimizer is not None and hasattr(optimizer, "register_step_pre_hook"):
-            self._hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
-        info: dict[str, Any] = {"framework": "torch", "launcher": "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ
-                                else "python", "host": socket.gethostname(), "pid": os.getpid(),
-                                "python": platform.python_version()}
-        try:
-            import torch
+        self._last = time.perf_counter()
+        self._bwd_norm: Any = None
+        self._bwd_groups: dict[str, Any] = {}
+        self._bwd_scale: Any = None
+        self._pre_norm: Any = None
+        self._pre_groups: dict[str, Any] = {}
+        self._update_vals: dict[str, Any] = {}
+        self._update = UpdateRatio()
+        self._updating = False
+        self._handles: list[Any] = []
+        self._probe: ForwardProbe | None = None
+        self._groups: dict[int, str] = {}
+        if self.group_norms_every and model is not None:
+            self._groups = top_level_groups(model)
 
-            info["framework"] = f"torch {torch.__version__}"
-        except ImportError:
-            pass
-        if model is not None and hasattr(model, "parameters"):
-            info["model"] = {"type": type(model).__name__,
-                             "params": int(sum(p.numel() for p in model.parameters()))}
-        if optimizer is not None:
-            groups = getattr(optimizer, "param_groups", None) or [{}]
-            info["optimizer"] = {"name": type(optimizer).__name__, "lr": groups[0].get("lr")}
+        info = framework_meta(framework, identity=ident, model=model, optimizer=optimizer,
+                              batch_size=batch_size, max_steps=max_steps)
+        if self.norms_every:
+            info["norms_every"] = self.norms_every
         info.update(meta or {})
-        self.reporter.run_started(world_size=world, meta=info)
-        self._stop = threading.Event()
-        self._sampler = None
-        if system_interval and system_interval > 0:
-            self._sampler = threading.Thread(target=self._sample_loop, args=(system_interval,),
-                                             name="trainguard-system", daemon=True)
-            self._sampler.start()
+        self.reporter.run_started(world_size=ident.world_size, meta=info)
+
+        if hooks:
+            self._install_hooks()
+        self._sampler = SystemSampler(self.reporter, system_interval, device=_cuda_index(self._params()),
+                                      step=lambda: self.step_count).start()
+        _live.add(self)
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    def _install_hooks(self) -> None:
+        opt, model = self.optimizer, self.model
+        try:
+            if model is not None and hasattr(model, "register_forward_pre_hook"):
+                on_end = self._on_backward_end if self.grad_norm_at == "backward" else None
+                self._probe = ForwardProbe(model, on_backward_end=on_end)
+        except Exception:  # noqa: BLE001 - without hooks we still report what step() is given
+            self._probe = None
+        if opt is not None and hasattr(opt, "register_step_pre_hook"):
+            try:
+                self._handles.append(opt.register_step_pre_hook(self._before_optimizer_step))
+                self._handles.append(opt.register_step_post_hook(self._after_optimizer_step))
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _params(self) -> list[Any]:
+        """The parameters being trained: the optimizer's, else the model's."""
+        try:
+            groups = getattr(self.optimizer, "param_groups", None)
+            if groups:
+                return [p for g in groups for p in g["params"]]
+            if self.model is not None and hasattr(self.model, "parameters"):
+                return list(self.model.parameters())
+        except Exception:  # noqa: BLE001
+            pass
+        return []
+
+    def _due(self, every: int) -> bool:
+        return bool(every) and (self.step_count + 1) % every == 0
+
+    def _scale(self) -> Any:
+        """The GradScaler's current scale as a tensor (None without an enabled scaler)."""
+        sc = self.scaler
+        if sc is None:
+            return None
+        try:
+            if not sc.is_enabled():
+                return None
+            return getattr(sc, "_scale", None)
+        except Exception:  # noqa: BLE001
+            return None
+
+    def _on_backward_end(self) -> None:
+        # Runs at the end of every backward through the model (each micro-batch): the last one
+        # before the optimizer step sees the accumulated, reduced, not yet clipped gradients.
+        scale = self._scale()
+        groups = self._groups if self._due(self.group_norms_every) else None
+        self._bwd_norm, self._bwd_groups = grad_norms(self._params(), groups, scale)
+        self._bwd_scale = read_later(scale, clone=True) if scale is not None else None
 
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        # The global gradient norm as the optimizer is about to see it, kept as a tensor: reading
-        # it (a device-to-host copy) happens on the sender thread, never here.
         try:
-            import torch
+            if self._bwd_norm is None and self.grad_norm_at != "off":
+                groups = self._groups if self._due(self.group_norms_every) else None
+                self._pre_norm, self._pre_groups = grad_norms(self._params(), groups)
+            if self._due(self.norms_every):
+                self._update.before(self._params())
+                self._updating = True
+        except Exception:  # noqa: BLE001 - never raise into optimizer.step()
+            self._pre_norm = None
 
-            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            if grads:
-                norms = torch._foreach_norm(grads, 2.0)
-                self._grad_norm = torch.linalg.vector_norm(torch.stack(norms), 2.0).detach()
+    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        try:
+            if self._updating:
+                self._updating = False
+                self._update_vals = self._update.after(self._params())
         except Exception:  # noqa: BLE001
-            self._grad_norm = None
+            self._update_vals = {}
+
+    # -- public API ------------------------------------------------------------------------------
 
     def step(self, loss: Any = None, *, grad_norm: Any = None, tokens: int | None = None,
-             samples: int | None = None, **values: Any) -> None:
-        """Report one finished optimizer step. Tensors are fine: they are read off the training thread."""
+             samples: int | None = None, global_step: int | None = None, **values: Any) -> None:
+        """Report one finished optimizer step. Tensors are fine: they are read off the training thread.
+
+        `grad_norm` overrides the collected norm (pass what clip_grad_norm_ returned);
+        `tokens`/`samples` override what the forward's inputs showed; `global_step` sets the step number.
+        """
         try:
             now = time.perf_counter()
-            self.step_count += 1
+            self.step_count = int(global_step) if global_step is not None else self.step_count + 1
             vals: dict[str, Any] = {"step_time_seconds": now - self._last}
             self._last = now
+            if self._probe is not None:
+                vals.update(self._probe.take())
             if loss is not None:
-                vals["loss"] = loss.detach() if hasattr(loss, "detach") else loss
-            gn = grad_norm if grad_norm is not None else self._grad_norm
+                vals["loss"] = read_later(loss)
+            gn, groups = grad_norm, None
+            if gn is None:
+                if self._bwd_norm is not None:
+                    gn, groups = self._bwd_norm, self._bwd_groups
+                elif self._pre_norm is not None:
+                    gn, groups = self._pre_norm, self._pre_groups
+            elif self._bwd_norm is not None:
+                groups = self._bwd_groups
             if gn is not None:
-                vals["grad_norm"] = gn.detach() if hasattr(gn, "detach") else gn
-            self._grad_norm = None
-            if self.optimizer is not None:
-                groups = getattr(self.optimizer, "param_groups", None)
-                if groups:
-                    vals["lr"] = groups[0].get("lr")
+                vals["grad_norm"] = read_later(gn)
+            for g, n in (groups or {}).items():
+                vals["grad_norm/" + g] = read_later(n)
+            for k, v in self._update_vals.items():
+                vals[k] = read_later(v)
+            opt_groups = getattr(self.optimizer, "param_groups", None) if self.optimizer is not None else None
+            if opt_groups:
+                lr = opt_groups[0].get("lr")
+                if lr is not None:
+                    vals["lr"] = read_later(lr, clone=True)
+            if self._bwd_scale is not None:
+                vals["loss_scale"] = self._bwd_scale
+            elif self.scaler is not None:
+                scale = self._scale()
+                if scale is not None:
+                    vals["loss_scale"] = read_later(scale, clone=True)
             if tokens is not None:
                 vals["tokens"] = tokens
             if samples is not None:
                 vals["samples"] = samples
-            vals.update(values)
+            for k, v in values.items():
+                vals[k] = read_later(v)
             self.reporter.log("train", self.step_count, vals)
         except Exception:  # noqa: BLE001 - never raise into the training loop
             pass
+        finally:
+            self._bwd_norm = self._pre_norm = self._bwd_scale = None
+            self._bwd_groups, self._pre_groups, self._update_vals = {}, {}, {}
+            if self._probe is not None:
+                self._probe.reset(time.perf_counter())
 
-    def eval(self, loss: Any = None, **metrics: Any) -> None:
-        """Report an evaluation at the current step."""
-        vals = dict(metrics)
-        if loss is not None:
-            vals["loss"] = loss
-        self.reporter.log("eval", self.step_count, vals)
-
-    def _sample_loop(self, interval: float) -> None:
-        self.reporter.log("system", self.step_count, system_values())
-        while not self._stop.wait(interval):
-            self.reporter.log("system", self.step_count, system_values())
+    def eval(self, loss: Any = None, *, global_step: int | None = None, **metrics: Any) -> None:
+        """Report an evaluation at the current step (or at `global_step`)."""
+        try:
+            if global_step is not None:
+                self.step_count = int(global_step)
+            vals = {k: read_later(v) for k, v in metrics.items()}
+            if loss is not None:
+                vals["loss"] = read_later(loss)
+            self.reporter.log("eval", self.step_count, vals)
+        except Exception:  # noqa: BLE001
+            pass
 
     def close(self, status: str = "completed", timeout: float = 10.0) -> bool:
-        """Report the end of the run and deliver what is queued."""
+        """Report the end of the run, remove the hooks and deliver what is queued."""
         if self._closed:
             return True
         self._closed = True
-        self._stop.set()
-        if self._hook is not None:
-            self._hook.remove()
+        _live.discard(self)
+        self._sampler.close(1.0)
+        if self._probe is not None:
+            self._probe.remove()
+        for h in self._handles:
+            try:
+                h.remove()
+            except Exception:  # noqa: BLE001
+                pass
+        self._handles = []
         self.reporter.end(status, self.step_count)
         return self.reporter.close(timeout)
 
@@ -138,3 +272,17 @@ class Watch:
 def watch(model: Any = None, optimizer: Any = None, **kwargs: Any) -> Watch:
     """Attach trainguard to a plain loop (see Watch)."""
     return Watch(model, optimizer, **kwargs)
+
+
+_live: "weakref.WeakSet[Watch]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    # Registered after the reporter's own exit handler, so it runs first: `end` is still delivered.
+    status = "failed" if getattr(sys, "last_value", None) is not None else "completed"
+    for w in list(_live):
+        try:
+            w.close(status, timeout=5.0)
+        except Exception:  # noqa: BLE001
+            pass

@@ -466,8 +466,11 @@ def test_batches_over_4_mib_are_split_and_all_arrive(daemon: Any, reporters: lis
     n = 0
     from monitor import wire
 
-    one = len(wire.encode_batch(run, 0, "x" * 16, 1, [Record("train", run, 1.0, 0, 1,
-                                                          {k: 1.0 for k in names})]))
+    # Records with the same names travel as blocks: each costs its values (and a step and a time).
+    four = len(wire.encode_batch(run, 0, "x" * 16, 1, [Record("train", run, 1.0, 0, s, {k: 1.0 for k in names})
+                                                       for s in range(1, 5)]))
+    one = (len(wire.encode_batch(run, 0, "x" * 16, 1, [Record("train", run, 1.0, 0, s, {k: 1.0 for k in names})
+                                                       for s in range(1, 9)])) - four) / 4
     while n * one <= 2 * MAX_BATCH_BYTES:  # enough for more than two full batches
         n += 1
         rep.log("train", n, {k: float(n) + j / 1000 for j, k in enumerate(names)})
