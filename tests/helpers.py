@@ -15,7 +15,12 @@ from typing import Any
 
 
 DATA = Path(__file__).parent / "data"
-TRACES = DATA / "traces"
+# Labelled trace sets (copies of the public ones; scenarios.json beside each set).
+TRACES = DATA / "bench"
+# What the per-trace tests walk: every CPU run and log excerpt, and one of the 75 nanogpt runs (they
+# differ only in their numbers; bench/detectors.py walks them all).
+SAMPLE_TRACES = sorted(p for p in TRACES.glob("*/*.jsonl.gz") if p.parent.name != "healthy-nanogpt") + [
+    TRACES / "healthy-nanogpt" / "2024-12-04-ValueEmbed-00008ea0.jsonl.gz"]
 ROOT = Path(__file__).parent.parent
 
 

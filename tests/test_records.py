@@ -23,14 +23,25 @@ from monitor.records import (
     read_trace_numbered,
     record_from_json,
 )
-from tests.helpers import TRACES
+from tests.helpers import SAMPLE_TRACES, TRACES
 
-# Records per trace file under tests/data/traces: the reader must yield every one of them.
+# Records per sampled trace file (tests/helpers.py): the reader must yield every one of them.
 TRACE_COUNTS = {
+    "cpu/cpu-divergence-01.jsonl.gz": 921,
     "cpu/cpu-forgetting-01.jsonl.gz": 852,
+    "cpu/cpu-grad_explosion-01.jsonl.gz": 921,
     "cpu/cpu-healthy-01.jsonl.gz": 1381,
+    "cpu/cpu-healthy-02.jsonl.gz": 2267,
+    "cpu/cpu-healthy-03.jsonl.gz": 925,
+    "cpu/cpu-leak-01.jsonl.gz": 1253,
+    "cpu/cpu-lr_zero-01.jsonl.gz": 1380,
     "cpu/cpu-nonfinite-01.jsonl.gz": 749,
+    "cpu/cpu-overfit-01.jsonl.gz": 1187,
     "cpu/cpu-rank_lost-01.jsonl.gz": 1620,
+    "cpu/cpu-replay-01.jsonl.gz": 852,
+    "cpu/cpu-slowdown-01.jsonl.gz": 1049,
+    "cpu/cpu-spike-01.jsonl.gz": 1050,
+    "cpu/cpu-stall-01.jsonl.gz": 1575,
     "cpu/cpu-straggler-01.jsonl.gz": 2273,
     "healthy-nanogpt/2024-12-04-ValueEmbed-00008ea0.jsonl.gz": 1531,
     "incidents-bloom/tr11-176B-spike-31214.jsonl.gz": 12,
@@ -43,7 +54,7 @@ T0 = 1_700_000_000.0
 
 
 def test_every_trace_file_is_listed() -> None:
-    found = sorted(str(p.relative_to(TRACES)) for p in TRACES.glob("*/*.jsonl*"))
+    found = sorted(str(p.relative_to(TRACES)) for p in SAMPLE_TRACES)
     assert found == sorted(TRACE_COUNTS)
 
 
