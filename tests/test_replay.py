@@ -256,3 +256,17 @@ def test_progress_bar_only_on_a_terminal(daemon: Any) -> None:
     out = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
     assert "[#" not in out.stderr and "\r" not in out.stderr
+
+
+def test_the_straggler_trace_exports_each_ranks_score(daemon: Any) -> None:
+    from tests.helpers import metrics, sample
+
+    path = TRACES / "cpu" / "cpu-straggler-01.jsonl.gz"
+    run = records_of(path)[0].run
+    assert run_replay(daemon.grpc_address, path).returncode == 0
+    m = metrics(daemon)
+    slow, fast = sample(m, "trainguard_straggler_score", run=run, rank="1"), \
+        sample(m, "trainguard_straggler_score", run=run, rank="0")
+    assert slow is not None and fast is not None
+    assert slow < 0.75 <= 0.95 <= fast  # rank 1 runs 2.2x slower from step 520 on
+    assert sample(m, "trainguard_detector_statistic", run=run, detector="StragglerRank") == slow

@@ -75,6 +75,9 @@ class DaemonCollector:
         reporting = GaugeMetricFamily("trainguard_run_ranks_reporting", "Ranks that reported recently.", labels=["run"])
         det_stat = GaugeMetricFamily("trainguard_detector_statistic", "Each detector's statistic for the run.",
                                      labels=["run", "detector"])
+        straggler = GaugeMetricFamily("trainguard_straggler_score", "Each rank's pace against the fastest ranks' "
+                                      "(StragglerRank: reference compute time / this rank's; 1 is as fast).",
+                                      labels=["run", "rank"])
         for st in d.registry.snapshot():
             with st.lock:
                 run = st.run
@@ -110,10 +113,13 @@ class DaemonCollector:
                 for det in st.detectors:
                     try:
                         v = det.statistic()
+                        per_rank = det.scores() if hasattr(det, "scores") else {}
                     except Exception:  # noqa: BLE001 - one broken detector must not break the scrape
                         continue
                     if v is not None:
                         det_stat.add_metric([run, det.name], float(v))
+                    for r, score in per_rank.items():
+                        straggler.add_metric([run, str(r)], float(score))
         yield from run_fams.values()
         yield step
         yield tps
@@ -124,6 +130,7 @@ class DaemonCollector:
         yield world
         yield reporting
         yield det_stat
+        yield straggler
 
         active = GaugeMetricFamily("trainguard_alert_active", "1 while the alert fires.",
                                    labels=["run", "alert", "severity"])
