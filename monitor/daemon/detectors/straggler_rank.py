@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Mapping
 
 from monitor.daemon.detectors._timing import ints, median, name_ranks
 from monitor.daemon.detectors.base import Detector, Finding
-from monitor.records import Record
+from monitor.records import Record, RecordBlock
 
 
 class _Rank:
@@ -108,6 +108,43 @@ class StragglerRank(Detector):
             p.fresh = 0
             p.level = median(p.times)
             p.levels.append(p.level)
+        return []
+
+    def update_block(self, block: RecordBlock, run: Any) -> list[Finding]:
+        # The same as `update` on each record, a column at a time: the values are appended at
+        # once and only the paces that the last few block boundaries would have taken are computed.
+        col = block.column("compute_time_seconds")
+        if col is not None:
+            if self.source != "compute_time_seconds":
+                if self.source is not None:
+                    self.per.clear()
+                self.source = "compute_time_seconds"
+        elif self.source == "compute_time_seconds":
+            return []
+        else:
+            col = block.column("step_time_seconds")
+            if col is None:
+                return []
+            self.source = "step_time_seconds"
+        keep = [j for j, v in enumerate(col) if 0.0 < v < math.inf]
+        if not keep:
+            return []
+        vals = [col[j] for j in keep] if len(keep) < len(col) else col
+        p = self.per.get(block.rank)
+        if p is None:
+            p = self.per[block.rank] = _Rank(self.window, self.confirm + 1)
+        hist = list(p.times) + vals
+        base, n, w, b = len(p.times), len(vals), self.window, self.block
+        # The pace is taken after the i-th new value (1-based) once the window is full and at
+        # least `block` values came since the last one: first at i1, then every `block` values.
+        i1 = max(1, w - base, b - p.fresh)
+        points = range(i1, n + 1, b)
+        for i in points[-(self.confirm + 1):]:
+            p.level = median(hist[base + i - w:base + i])
+            p.levels.append(p.level)
+        p.fresh = (n - points[-1]) if points else p.fresh + n
+        p.times.extend(vals)
+        p.last_t = block.ts[keep[-1]]
         return []
 
     def tick(self, now: float, run: Any) -> list[Finding]:

@@ -87,3 +87,30 @@ def test_real_straggler_trace() -> None:
 @pytest.mark.parametrize("rel", HEALTHY_SAMPLE + ("cpu/cpu-stall-01.jsonl.gz", "cpu/cpu-rank_lost-01.jsonl.gz"))
 def test_silent_on_real_traces_without_a_straggler(rel: str) -> None:
     assert fires(replay(StragglerRank(), trace(rel))) == []
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_block_leaves_the_paces_its_records_would(seed: int) -> None:
+    import random
+
+    from monitor.records import RecordBlock
+
+    rng = random.Random(seed)
+    one, whole = StragglerRank(), StragglerRank()
+    step = 0
+    for _ in range(40):
+        n = rng.choice([1, 3, 16, 17, 64, 200])
+        name = rng.choice(["compute_time_seconds"] * 4 + ["step_time_seconds"])
+        vals = [rng.choice([rng.uniform(0.1, 0.2), math.nan, -1.0, math.inf]) if rng.random() < 0.1
+                else rng.uniform(0.1, 0.2) for _ in range(n)]
+        rank = rng.choice([1, 2])
+        steps = list(range(step, step + n))
+        step += n
+        ts = [1.7e9 + s for s in steps]
+        block = RecordBlock("train", "r", rank, (name,), steps, ts, vals)
+        for rec in block.records():
+            one.update(rec, None)
+        whole.update_block(block, None)
+        assert one.source == whole.source
+        assert {r: (list(p.times), p.fresh, repr(p.level), list(p.levels), p.last_t) for r, p in one.per.items()} == \
+            {r: (list(p.times), p.fresh, repr(p.level), list(p.levels), p.last_t) for r, p in whole.per.items()}
