@@ -253,6 +253,9 @@ def optimizer_meta(optimizer: Any) -> dict[str, Any] | None:
             for key in ("lr", "weight_decay", "betas", "momentum", "eps"):
                 if key in g and g[key] is not None:
                     out[key] = _plain(g[key])
+            # A scheduler keeps the configured lr as `initial_lr`; `lr` is wherever its warm-up is now.
+            if g.get("initial_lr") is not None:
+                out["lr"] = _plain(g["initial_lr"])
             if len(groups) > 1:
                 out["param_groups"] = len(groups)
     except Exception:  # noqa: BLE001

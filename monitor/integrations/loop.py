@@ -71,6 +71,8 @@ class Watch:
         self.optimizer = optimizer
         self.scaler = scaler
         self.grad_norm_at = grad_norm_at
+        # Set once step() is given a norm: from then on the loop supplies it and ours is not computed.
+        self._norm_given = False
         self.norms_every = max(0, int(norms_every or 0))
         self.group_norms_every = max(0, int(group_norms_every or 0))
         self.step_count = 0
@@ -152,12 +154,14 @@ class Watch:
         # before the optimizer step sees the accumulated, reduced, not yet clipped gradients.
         scale = self._scale()
         groups = self._groups if self._due(self.group_norms_every) else None
-        self._bwd_norm, self._bwd_groups = grad_norms(self._params(), groups, scale)
         self._bwd_scale = read_later(scale, clone=True) if scale is not None else None
+        if self._norm_given and groups is None:
+            return  # the loop hands step() its own norm (clip_grad_norm_'s): no need for ours
+        self._bwd_norm, self._bwd_groups = grad_norms(self._params(), groups, scale)
 
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         try:
-            if self._bwd_norm is None and self.grad_norm_at != "off":
+            if self._bwd_norm is None and self.grad_norm_at != "off" and not self._norm_given:
                 groups = self._groups if self._due(self.group_norms_every) else None
                 self._pre_norm, self._pre_groups = grad_norms(self._params(), groups)
             if self._due(self.norms_every):
@@ -193,13 +197,13 @@ class Watch:
             if loss is not None:
                 vals["loss"] = read_later(loss)
             gn, groups = grad_norm, None
-            if gn is None:
-                if self._bwd_norm is not None:
-                    gn, groups = self._bwd_norm, self._bwd_groups
-                elif self._pre_norm is not None:
-                    gn, groups = self._pre_norm, self._pre_groups
+            if gn is not None:
+                self._norm_given = True
+                groups = self._bwd_groups or None
             elif self._bwd_norm is not None:
-                groups = self._bwd_groups
+                gn, groups = self._bwd_norm, self._bwd_groups
+            elif self._pre_norm is not None:
+                gn, groups = self._pre_norm, self._pre_groups
             if gn is not None:
                 vals["grad_norm"] = read_later(gn)
             for g, n in (groups or {}).items():

@@ -380,3 +380,28 @@ def test_bad_values_never_raise_into_the_loop(daemon: Any) -> None:
     vals = train_values(daemon, run)
     assert len(vals) == 2 and "loss" not in vals[0] and vals[1]["loss"] == math.inf
     assert mon.reporter.stats().invalid_values == 4
+
+
+def test_a_loop_that_passes_its_own_norm_is_spared_ours_and_meta_has_the_configured_lr(daemon: Any) -> None:
+    run = "loop-given-norm"
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))  # warm-up: lr starts at 0.005
+    mon = monitor.watch(model, opt, run=run, address=daemon.grpc_address, heartbeat_interval=0, system_interval=0)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    given = []
+    for step in range(4):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), x[:, :1]).backward()
+        if step > 0:
+            # From the first norm the loop hands over, the watch computes none of its own.
+            assert mon._bwd_norm is None
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+        given.append(float(norm))
+        opt.step()
+        sched.step()
+        mon.step(grad_norm=norm)
+    assert mon.close() is True
+    assert [v["grad_norm"] for v in train_values(daemon, run)] == pytest.approx(given, rel=1e-6)
+    run_rec = [r for r in stored_records(daemon, run, "run")][0]
+    assert run_rec.meta["optimizer"]["lr"] == 0.05
