@@ -21,9 +21,9 @@ so drift in the machine's speed falls on all three. The overhead is the median o
   calls of a timing callback, so it holds everything the Trainer and trainguard do for one step; the
   first 5 steps of each block hold the switch and are not counted.
 - `loop`: three copies of the same model in a plain loop (forward, backward, clip_grad_norm_, AdamW
-  step); B adds `monitor.watch(model, optimizer, grad_norm_at="off")` and
-  `mon.step(loss=loss, grad_norm=norm)` with the norm clip_grad_norm_ returned (so the Watch computes
-  no second one).
+  step); B adds `monitor.watch(model, optimizer)` with its defaults and
+  `mon.step(loss=loss, grad_norm=norm)` with the norm clip_grad_norm_ returned (from then on the
+  Watch computes no second one).
 
 For the Trainer it also times attach()'s own per-step work alone (taps, callback events, Watch.step
 with stubs in place of the model's work): a figure that the machine's noise does not blur.
@@ -183,9 +183,9 @@ def loop_variants(serve: ServeProcess, run: str) -> tuple[list[Variant], Callabl
         model = copy.deepcopy(base)
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-        # The loop clips and hands clip_grad_norm_'s pre-clip norm to step(), so the Watch need not compute
-        # one of its own at the end of backward (grad_norm_at="off"); everything else is its default.
-        mon = monitor.watch(model, opt, run=run, address=serve.address, grad_norm_at="off") if watched else None
+        # The loop clips and hands clip_grad_norm_'s pre-clip norm to step(): the Watch stops computing
+        # its own after the first one. Everything is the default.
+        mon = monitor.watch(model, opt, run=run, address=serve.address) if watched else None
         v.mon = mon
         cursor = [0]
 
