@@ -100,7 +100,8 @@ class ThroughputDrop(Detector):
         elif use_tokens != self.tokens:
             self._reset()
             self.tokens = use_tokens
-        x = math.log(tok / st) if use_tokens else -math.log(st)  # type: ignore[operator]
+        # A difference of logs: tokens / step time can underflow to 0 (or overflow) where the logs do not.
+        x = math.log(tok) - math.log(st) if use_tokens else -math.log(st)  # type: ignore[arg-type]
         self.recent.append(x)
         self.count += 1
         if self.count % self.stride or len(self.recent) < self.window:

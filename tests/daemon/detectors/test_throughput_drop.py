@@ -135,3 +135,14 @@ def test_real_slowdown_trace() -> None:
 @pytest.mark.parametrize("rel", HEALTHY_SAMPLE)
 def test_silent_on_healthy_traces(rel: str) -> None:
     assert fires(replay(ThroughputDrop(), trace(rel))) == []
+
+
+def test_extreme_but_finite_values_do_not_raise() -> None:
+    # tokens / step time underflows to 0.0 here; the detector must take it as a (tiny) throughput.
+    from monitor.daemon.state import RunState
+    from monitor.records import Record
+
+    d = ThroughputDrop()
+    run = RunState("x", 16)
+    rec = Record("train", "x", 1.7e9, 0, 0, {"tokens": 2.3e-291, "step_time_seconds": 9.5e32})
+    assert d.update(rec, run) == []
