@@ -15,7 +15,7 @@ from monitor.client.reporter import Deferred
 from monitor.wire import decode_batch
 from tests.helpers import wait_for
 
-torch = pytest.importorskip("torch")
+import torch
 nn = torch.nn
 
 

@@ -387,7 +387,7 @@ def _same(got: list[Record], expected: list[Record]) -> None:
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
 def test_record_path_writes_a_trace_equal_to_what_was_logged(daemon: Any, reporters: list[Reporter],
                                                              tmp_path: Path, suffix: str) -> None:
-    torch = pytest.importorskip("torch")
+    import torch
     path = tmp_path / f"rec{suffix}"
     run = "rep-trace"
     rep = make(reporters, run=run, rank=1, address=daemon.grpc_address, heartbeat_interval=0,
@@ -401,7 +401,7 @@ def test_record_path_writes_a_trace_equal_to_what_was_logged(daemon: Any, report
 
 def test_trace_env_var_records_while_the_daemon_is_absent(reporters: list[Reporter], tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    torch = pytest.importorskip("torch")
+    import torch
     path = tmp_path / "nested" / "env-trace.jsonl"
     monkeypatch.setenv("TRAINGUARD_RECORD", str(path))
     _, addr = absent_address()

@@ -16,8 +16,8 @@ from monitor.records import Record
 from monitor.wire import decode_batch
 from tests.helpers import free_port, http_json, metrics, sample, wait_for
 
-pytest.importorskip("accelerate")
-pytest.importorskip("transformers")
+import accelerate  # noqa: F401 - in the dev extra: missing means a broken install
+import transformers  # noqa: F401 - in the dev extra: missing means a broken install
 
 SCRIPT = Path(__file__).parent / "scripts" / "acc_train.py"
 ROOT = Path(__file__).resolve().parents[2]
@@ -160,7 +160,7 @@ def test_an_exception_in_the_script_ends_the_run_as_failed(daemon: Any, tmp_path
 
 def test_the_tracker_alone_maps_logged_keys_onto_train_and_eval_records(daemon: Any,
                                                                         request: pytest.FixtureRequest) -> None:
-    torch = pytest.importorskip("torch")
+    import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 

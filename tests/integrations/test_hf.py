@@ -16,8 +16,8 @@ from monitor.records import Record
 from monitor.wire import decode_batch
 from tests.helpers import ROOT, free_port, http_json, wait_for
 
-pytest.importorskip("transformers")
-torch = pytest.importorskip("torch")
+import transformers  # noqa: F401 - in the dev extra: missing means a broken install
+import torch
 
 from transformers import Trainer, TrainingArguments  # noqa: E402
 

@@ -15,7 +15,7 @@ from monitor.records import Record, TraceError, read_trace
 from monitor.wire import decode_batch
 from tests.helpers import http_json, http_text, sample, wait_for
 
-torch = pytest.importorskip("torch")
+import torch
 nn = torch.nn
 
 
