@@ -38,7 +38,7 @@ from typing import Any, Iterable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import ROOT, ServeProcess, machine, table, verdict  # noqa: E402
-from monitor.records import Record, read_trace  # noqa: E402
+from monitor.records import read_trace  # noqa: E402
 
 DEFAULT_SETS = ROOT / "tests" / "data" / "bench"
 # Traces with fewer train steps than this are log excerpts: too short for any detector that needs a

@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import operator
 import re
 import threading
 import time
@@ -17,12 +16,10 @@ from monitor.daemon.detectors import build_detectors
 from monitor.daemon.detectors.base import Finding
 from monitor.daemon.state import Registry, RunState
 from monitor.daemon.store import Store, StoreError
-from monitor.records import Record
 from monitor.records import RecordBlock
 from monitor.wire import Batch, reencode_kept
 
 log = logging.getLogger("trainguard.ingest")
-_KIND = operator.attrgetter("kind")
 _INDEX = re.compile(r"\[\d+\]")
 # A batch at least this big takes the bulk lane (see Ingest.lane). A rank sending every 0.1 s stays
 # far below it unless it runs faster than 2,000 steps per second.

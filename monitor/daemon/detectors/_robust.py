@@ -322,3 +322,27 @@ def fmt(x: float | None) -> str:
 
 
 __all__ = ["MAD_TO_Z", "Cusum", "Ewma", "RollingMedian", "finite_or", "fmt", "meta_number", "safe_log", "theil_sen"]
+
+
+# -- restoring state: what a detector saved comes back as untrusted JSON ---------------------------
+
+def state_int(v: Any) -> int:
+    """A non-negative int from untrusted JSON, 0 if it is not one."""
+    try:
+        return max(0, int(v))
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def state_float(v: Any, default: float = math.nan) -> float:
+    """A finite float from untrusted JSON, `default` if it is not one."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return default
+    return f if math.isfinite(f) else default
+
+
+def json_finite(x: float) -> float | None:
+    """A float for JSON, None for the infinities and NaN that mean "not yet"."""
+    return x if math.isfinite(x) else None

@@ -6,7 +6,9 @@ import math
 from collections import deque
 from typing import Any, ClassVar, Mapping
 
-from monitor.daemon.detectors._robust import MAD_TO_Z, RollingMedian, fmt, meta_number, safe_log
+from monitor.daemon.detectors._robust import (
+    MAD_TO_Z, RollingMedian, fmt, meta_number, safe_log, state_int as _int, state_float as _float,
+)
 from monitor.daemon.detectors.base import Detector, Finding
 from monitor.records import Record
 
@@ -133,20 +135,3 @@ class GradientExplosion(Detector):
         self.firing = bool(state.get("firing", False)) and math.isfinite(self.baseline)
         self.peak = _float(state.get("peak"), 0.0)
         self.last_ratio = _float(state.get("last_ratio"), 0.0)
-
-
-def _int(v: Any) -> int:
-    """A non-negative int from untrusted JSON, 0 if it is not one."""
-    try:
-        return max(0, int(v))
-    except (TypeError, ValueError, OverflowError):
-        return 0
-
-
-def _float(v: Any, default: float) -> float:
-    """A finite float from untrusted JSON, `default` if it is not one."""
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return default
-    return f if math.isfinite(f) else default

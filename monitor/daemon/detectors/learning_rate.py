@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar, Mapping
 
-from monitor.daemon.detectors._robust import fmt, meta_number
+from monitor.daemon.detectors._robust import fmt, meta_number, state_int as _int, state_float as _float
 from monitor.daemon.detectors.base import Detector, Finding
 from monitor.records import Record
 
@@ -163,20 +163,3 @@ class LearningRateAnomaly(Detector):
         self.firing = bool(state.get("firing", False))
         self.kind = str(state.get("kind") or "")[:32]
         self.clean = _int(state.get("clean"))
-
-
-def _int(v: Any) -> int:
-    """A non-negative int from untrusted JSON, 0 if it is not one."""
-    try:
-        return max(0, int(v))
-    except (TypeError, ValueError, OverflowError):
-        return 0
-
-
-def _float(v: Any, default: float) -> float:
-    """A finite float from untrusted JSON, `default` if it is not one."""
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return default
-    return f if math.isfinite(f) else default

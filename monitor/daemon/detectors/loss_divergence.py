@@ -6,7 +6,9 @@ import math
 from collections import deque
 from typing import Any, ClassVar, Mapping
 
-from monitor.daemon.detectors._robust import RollingMedian, fmt, meta_number, safe_log
+from monitor.daemon.detectors._robust import (
+    RollingMedian, fmt, meta_number, safe_log, state_int as _int, state_float as _float, json_finite as _num,
+)
 from monitor.daemon.detectors.base import Detector, Finding
 from monitor.records import Record
 
@@ -208,25 +210,3 @@ class LossDivergence(Detector):
         self.above = _int(state.get("above"))
         self.below = _int(state.get("below"))
         self.firing = bool(state.get("firing", False))
-
-
-def _num(x: float) -> float | None:
-    """A float for JSON, None for the infinities that mean "not yet"."""
-    return x if math.isfinite(x) else None
-
-
-def _int(v: Any) -> int:
-    """A non-negative int from untrusted JSON, 0 if it is not one."""
-    try:
-        return max(0, int(v))
-    except (TypeError, ValueError, OverflowError):
-        return 0
-
-
-def _float(v: Any, default: float) -> float:
-    """A finite float from untrusted JSON, `default` if it is not one."""
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return default
-    return f if math.isfinite(f) else default

@@ -6,7 +6,7 @@ import math
 from collections import deque
 from typing import Any, ClassVar, Mapping
 
-from monitor.daemon.detectors._robust import fmt, safe_log
+from monitor.daemon.detectors._robust import fmt, safe_log, state_int as _int, state_float as _float
 from monitor.daemon.detectors.base import Detector, Finding
 from monitor.records import Record
 
@@ -142,20 +142,3 @@ class LossPlateau(Detector):
         self.lr = _float(state.get("lr"), math.nan)
         self.lr_peak = max(0.0, _float(state.get("lr_peak"), 0.0))
         self.firing = bool(state.get("firing", False))
-
-
-def _int(v: Any) -> int:
-    """A non-negative int from untrusted JSON, 0 if it is not one."""
-    try:
-        return max(0, int(v))
-    except (TypeError, ValueError, OverflowError):
-        return 0
-
-
-def _float(v: Any, default: float) -> float:
-    """A finite float from untrusted JSON, `default` if it is not one."""
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return default
-    return f if math.isfinite(f) else default

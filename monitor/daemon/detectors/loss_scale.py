@@ -6,7 +6,7 @@ import math
 from collections import deque
 from typing import Any, ClassVar, Mapping
 
-from monitor.daemon.detectors._robust import fmt
+from monitor.daemon.detectors._robust import fmt, state_int as _int, state_float as _float
 from monitor.daemon.detectors.base import Detector, Finding
 from monitor.records import Record
 
@@ -133,20 +133,3 @@ class LossScaleCollapse(Detector):
         self.peak = max(0.0, _float(state.get("peak"), 0.0))
         self.quiet = _int(state.get("quiet"))
         self.firing = bool(state.get("firing", False))
-
-
-def _int(v: Any) -> int:
-    """A non-negative int from untrusted JSON, 0 if it is not one."""
-    try:
-        return max(0, int(v))
-    except (TypeError, ValueError, OverflowError):
-        return 0
-
-
-def _float(v: Any, default: float) -> float:
-    """A finite float from untrusted JSON, `default` if it is not one."""
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return default
-    return f if math.isfinite(f) else default

@@ -6,7 +6,9 @@ import math
 from collections import deque
 from typing import Any, ClassVar, Mapping
 
-from monitor.daemon.detectors._robust import MAD_TO_Z, Cusum, RollingMedian, fmt, safe_log
+from monitor.daemon.detectors._robust import (
+    MAD_TO_Z, Cusum, RollingMedian, fmt, safe_log, state_int as _int, state_float as _float,
+)
 from monitor.daemon.detectors.base import Detector, Finding
 from monitor.records import Record
 
@@ -234,18 +236,18 @@ class LossSpike(Detector):
             self.recent.append(bool(x))
         self.cusum.restore(state.get("cusum"))
         mo = list(state.get("moments") or [])
-        self.moments = [_float(x) for x in mo[:4]] if len(mo) >= 4 else [0.0, 0.0, 0.0, 0.0]
+        self.moments = [_float(x, 0.0) for x in mo[:4]] if len(mo) >= 4 else [0.0, 0.0, 0.0, 0.0]
         if self.moments[0] < 0:
             self.moments = [0.0, 0.0, 0.0, 0.0]
         pz = state.get("prev_z")
-        self.prev_z = _float(pz) if pz is not None else None
+        self.prev_z = _float(pz, 0.0) if pz is not None else None
         level = state.get("level")
         self.level = level if level in ("", "info", "page") else ""
         self.calm = _int(state.get("calm"))
-        self.last_z = _float(state.get("last_z"))
-        self.peak = _float(state.get("peak"))
+        self.last_z = _float(state.get("last_z"), 0.0)
+        self.peak = _float(state.get("peak"), 0.0)
         em = state.get("early_min")
-        self.early_min = _float(em) if em is not None else math.inf
+        self.early_min = _float(em, 0.0) if em is not None else math.inf
 
 
 def _grad_z(rec: Record, run: Any, min_points: int) -> float:
@@ -263,20 +265,3 @@ def _grad_z(rec: Record, run: Any, min_points: int) -> float:
         if step != rec.step:  # the window already holds this record: leave it out of its own baseline
             base.push(safe_log(v))
     return base.z(g) if len(base) >= min_points else 0.0
-
-
-def _int(v: Any) -> int:
-    """An int from untrusted JSON, 0 if it is not one."""
-    try:
-        return max(0, int(v))
-    except (TypeError, ValueError, OverflowError):
-        return 0
-
-
-def _float(v: Any) -> float:
-    """A finite float from untrusted JSON, 0.0 if it is not one."""
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return 0.0
-    return f if math.isfinite(f) else 0.0

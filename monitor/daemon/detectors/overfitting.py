@@ -6,7 +6,10 @@ import math
 from collections import deque
 from typing import Any, ClassVar, Mapping
 
-from monitor.daemon.detectors._robust import RollingMedian, fmt, safe_log
+from monitor.daemon.detectors._robust import (
+    RollingMedian, fmt, safe_log, state_int as _int, state_float as _float, json_finite as _num,
+)
+from monitor.daemon.detectors._timing import median
 from monitor.daemon.detectors.base import Detector, Finding
 from monitor.records import Record
 
@@ -129,8 +132,8 @@ class Overfitting(Detector):
         # sits ~2 sigma below the curve, which would make every later eval look worse than the best.
         last = self.last_evals
         last.append(raw)
-        e = _median(last)
-        tr = _median(self.train)
+        e = median(last)
+        tr = median(self.train)
         if e < self.best:
             self.best = e
             self.best_step = rec.step
@@ -219,34 +222,3 @@ class Overfitting(Detector):
         self.above = _int(state.get("above"))
         self.back = _int(state.get("back"))
         self.firing = bool(state.get("firing", False))
-
-
-def _median(xs: deque[float]) -> float:
-    """Median of a small collection (NaN when empty)."""
-    srt = sorted(xs)
-    n = len(srt)
-    if not n:
-        return math.nan
-    return srt[n // 2] if n & 1 else 0.5 * (srt[n // 2 - 1] + srt[n // 2])
-
-
-def _num(x: float) -> float | None:
-    """A float for JSON, None for the infinities and NaN that mean "not yet"."""
-    return x if math.isfinite(x) else None
-
-
-def _int(v: Any) -> int:
-    """A non-negative int from untrusted JSON, 0 if it is not one."""
-    try:
-        return max(0, int(v))
-    except (TypeError, ValueError, OverflowError):
-        return 0
-
-
-def _float(v: Any, default: float) -> float:
-    """A finite float from untrusted JSON, `default` if it is not one."""
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return default
-    return f if math.isfinite(f) else default

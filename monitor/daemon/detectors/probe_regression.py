@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar, Mapping, Sequence
 
-from monitor.daemon.detectors._robust import fmt
+from monitor.daemon.detectors._robust import fmt, state_int as _int, state_float as _float
 from monitor.daemon.detectors.base import Detector, Finding
 from monitor.records import Record
 
@@ -225,20 +225,3 @@ class ProbeRegression(Detector):
                     "base": base, "step": _int(step) if step is not None else None,
                     "looks": _int(st.get("looks")), "bad": bool(st.get("bad", False)), "ok": _int(st.get("ok"))}
         self.firing = bool(state.get("firing", False)) and any(s["bad"] for s in self.suites.values())
-
-
-def _int(v: Any) -> int:
-    """A non-negative int from untrusted JSON, 0 if it is not one."""
-    try:
-        return max(0, int(v))
-    except (TypeError, ValueError, OverflowError):
-        return 0
-
-
-def _float(v: Any) -> float:
-    """A float from untrusted JSON, NaN if it is not a finite one (such items are skipped when paired)."""
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return math.nan
-    return f if math.isfinite(f) else math.nan

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar, Mapping
 
-from monitor.daemon.detectors._robust import RollingMedian, fmt, safe_log
+from monitor.daemon.detectors._robust import RollingMedian, fmt, safe_log, state_int as _int
 from monitor.daemon.detectors.base import Detector, Finding
 from monitor.records import Record
 
@@ -106,11 +106,3 @@ class VanishingGradient(Detector):
         self.firing = bool(state.get("firing", False))
         fl = state.get("first_low")
         self.first_low = _int(fl) if fl is not None else None
-
-
-def _int(v: Any) -> int:
-    """A non-negative int from untrusted JSON, 0 if it is not one."""
-    try:
-        return max(0, int(v))
-    except (TypeError, ValueError, OverflowError):
-        return 0
