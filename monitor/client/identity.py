@@ -226,12 +226,17 @@ def model_meta(model: Any) -> dict[str, Any] | None:
         return None
 
 
-def _plain(v: Any) -> Any:
-    """A hyper-parameter as JSON can carry it (a tensor learning rate becomes a float)."""
-    if isinstance(v, (bool, int, float, str)) or v is None:
+def plain(v: Any) -> Any:
+    """A hyper-parameter or config value as JSON can carry it: tensors become floats, enums their value."""
+    if v is None or isinstance(v, (bool, int, float, str)):
         return v
+    if isinstance(v, Mapping):
+        return {str(k): plain(x) for k, x in v.items()}
     if isinstance(v, (tuple, list)):
-        return [_plain(x) for x in v]
+        return [plain(x) for x in v]
+    value = getattr(v, "value", None)  # enums such as transformers' SchedulerType
+    if isinstance(value, (str, int, float)):
+        return value
     try:
         return float(v)
     except Exception:  # noqa: BLE001
@@ -252,10 +257,10 @@ def optimizer_meta(optimizer: Any) -> dict[str, Any] | None:
             g = groups[0]
             for key in ("lr", "weight_decay", "betas", "momentum", "eps"):
                 if key in g and g[key] is not None:
-                    out[key] = _plain(g[key])
+                    out[key] = plain(g[key])
             # A scheduler keeps the configured lr as `initial_lr`; `lr` is wherever its warm-up is now.
             if g.get("initial_lr") is not None:
-                out["lr"] = _plain(g["initial_lr"])
+                out["lr"] = plain(g["initial_lr"])
             if len(groups) > 1:
                 out["param_groups"] = len(groups)
     except Exception:  # noqa: BLE001

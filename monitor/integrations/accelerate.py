@@ -49,6 +49,7 @@ from typing import Any, Mapping
 from accelerate.tracking import GeneralTracker
 
 from monitor.client.reporter import Reporter
+from monitor.client.identity import plain
 from monitor.integrations.loop import Watch
 
 __all__ = ["AcceleratorWatch", "TrainGuardTracker", "split_values", "watch"]
@@ -171,19 +172,6 @@ def _close_at_exit() -> None:
             _proc.reporter.close(timeout=5.0)
     except Exception:  # noqa: BLE001
         pass
-
-
-def _plain(v: Any) -> Any:
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    if isinstance(v, Mapping):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    try:
-        return float(v)
-    except Exception:  # noqa: BLE001
-        return str(v)
 
 
 def _accelerator_meta(accelerator: Any) -> dict[str, Any]:
@@ -459,7 +447,7 @@ class TrainGuardTracker(GeneralTracker):
     def store_init_configuration(self, values: dict) -> None:
         """Keep the hyper-parameters in the run's metadata (`meta.config`)."""
         try:
-            _proc.config = _plain(dict(values))
+            _proc.config = plain(dict(values))
             w = _proc.watch
             if w is not None and not w._closed:
                 w.meta["config"] = _proc.config

@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 from transformers import TrainerCallback
 
+from monitor.client.identity import plain
 from monitor.integrations.loop import Watch
 
 __all__ = ["TrainGuardCallback", "attach"]
@@ -63,15 +64,6 @@ def _find_trainer() -> Any:
     return None
 
 
-def _plain(v: Any) -> Any:
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    value = getattr(v, "value", None)  # enums such as SchedulerType
-    if isinstance(value, (str, int, float)):
-        return value
-    return str(v)
-
-
 def training_args_meta(args: Any, state: Any = None, trainer: Any = None) -> dict[str, Any]:
     """The main TrainingArguments (and the DeepSpeed ZeRO stage) for the `run` record."""
     out: dict[str, Any] = {}
@@ -80,7 +72,7 @@ def training_args_meta(args: Any, state: Any = None, trainer: Any = None) -> dic
                 "lr_scheduler_type", "optim", "seed", "logging_steps", "logging_nan_inf_filter", "world_size"):
         if hasattr(args, key):
             try:
-                out[key] = _plain(getattr(args, key))
+                out[key] = plain(getattr(args, key))
             except Exception:  # noqa: BLE001
                 pass
     if state is not None and getattr(state, "max_steps", 0):
