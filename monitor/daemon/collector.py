@@ -78,6 +78,15 @@ class DaemonCollector:
         straggler = GaugeMetricFamily("trainguard_straggler_score", "Each rank's pace against the fastest ranks' "
                                       "(StragglerRank: reference compute time / this rank's; 1 is as fast).",
                                       labels=["run", "rank"])
+        probe_score = GaugeMetricFamily("trainguard_probe_score", "Latest value of each aggregate score of each "
+                                        "probe series (suite as the record names it: S, S/gold_logprob, S/judge, "
+                                        "drift).", labels=["run", "suite", "metric"])
+        probe_delta = GaugeMetricFamily("trainguard_probe_baseline_delta", "Latest value of each probe score minus "
+                                        "its value at the series' first probe in the run.",
+                                        labels=["run", "suite", "metric"])
+        probe_dropped = CounterMetricFamily("trainguard_probe_series_dropped", "Probe values not kept because the "
+                                            "run already has the most probe series the daemon keeps.",
+                                            labels=["run"])
         for st in d.registry.snapshot():
             with st.lock:
                 run = st.run
@@ -106,6 +115,11 @@ class DaemonCollector:
                         total_tps = (total_tps or 0.0) + rt
                 if total_tps is not None:
                     tps.add_metric([run], total_tps)
+                for (suite, metric), (first, latest, _rank) in st.probe_series.items():
+                    probe_score.add_metric([run, suite, metric], latest)
+                    probe_delta.add_metric([run, suite, metric], latest - first)
+                if st.probe_series_dropped:
+                    probe_dropped.add_metric([run], st.probe_series_dropped)
                 framework = str(st.meta.get("framework", ""))[:64] if isinstance(st.meta, dict) else ""
                 info.add_metric([run, st.status, framework], 1)
                 world.add_metric([run], st.effective_world_size)
@@ -131,6 +145,9 @@ class DaemonCollector:
         yield reporting
         yield det_stat
         yield straggler
+        yield probe_score
+        yield probe_delta
+        yield probe_dropped
 
         active = GaugeMetricFamily("trainguard_alert_active", "1 while the alert fires.",
                                    labels=["run", "alert", "severity"])

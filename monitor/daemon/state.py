@@ -32,6 +32,11 @@ _T, _STEP, _VALUES, _KIND = attrgetter("t"), attrgetter("step"), attrgetter("val
 TICK_EVERY = 1.0
 # Records whose points wait to reach a rank's windows; past this many they are folded in at once.
 FOLD_AT = 512
+# Probe values that are bookkeeping, not scores: not exported as probe series.
+PROBE_BOOKKEEPING = frozenset({"items_scored", "items_total", "seconds", "prompts", "min_drop", "errors"})
+# Probe series (suite, value) kept per run: 8 suites with every aggregate score (8), their
+# "/gold_logprob" (1) and "/judge" (4) series are 104; drift (3) and spare make 128.
+MAX_PROBE_SERIES = 128
 
 
 class Ring:
@@ -315,6 +320,9 @@ class RunState:
         self._unsettled: list[RankState] = []
         self._next_tick = 0.0
         self._meta_rank = 1 << 62
+        # (suite, value name) -> [value at the series' first probe, latest value, rank that reports it]
+        self.probe_series: dict[tuple[str, str], list[float]] = {}
+        self.probe_series_dropped = 0  # values of series past MAX_PROBE_SERIES, not kept
 
     def set_detectors(self, detectors: list[Any]) -> None:
         """Install the run's detectors and index them by the record kinds they read."""
@@ -363,6 +371,25 @@ class RunState:
             self.run_status = None  # a restarted job announces itself again
         elif rec.kind == "end":
             self._update_status()
+        elif rec.kind == "probe":
+            self._observe_probe(rec)
+
+    def _observe_probe(self, rec: Record) -> None:
+        """Keep the first and latest value of each probe series (one rank's: the first that reported it)."""
+        series = self.probe_series
+        suite = rec.suite or ""
+        for name, v in rec.values.items():
+            if name in PROBE_BOOKKEEPING or not -math.inf < v < math.inf:
+                continue
+            key = (suite, name)
+            got = series.get(key)
+            if got is None:
+                if len(series) >= MAX_PROBE_SERIES:
+                    self.probe_series_dropped += 1
+                    continue
+                series[key] = [v, v, rec.rank]
+            elif got[2] == rec.rank:
+                got[1] = v
 
     def apply(self, parts: list[Any], recv: float, detect: bool = True,
               on_error: Callable[[Any, Exception], None] | None = None) -> list[Any]:
