@@ -1,4 +1,4 @@
-"""ProbeRegression: a probe series scores significantly worse than at the run's first probe, or than its best checkpoint."""
+"""ProbeRegression: a probe series scores significantly worse than at the run's first probe or its best checkpoint."""
 
 from __future__ import annotations
 

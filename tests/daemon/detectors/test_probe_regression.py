@@ -201,7 +201,8 @@ def test_continuous_series_have_their_own_labels_and_minimum_in_nats() -> None:
     assert [x.step for x in f] == [1] and "Wilcoxon" in f[0].summary
     assert (f[0].labels["suite"], f[0].labels["metric"], f[0].labels["series"]) == ("arith", "gold_logprob", series)
     # 0.3 nats lost: under a floor of 0.5 nats (the record's own, or the config's), not a page.
-    assert fires(replay(ProbeRegression(), [rec(0, base, series, min_drop=0.5), rec(1, cur, series, min_drop=0.5)])) == []
+    recs = [rec(0, base, series, min_drop=0.5), rec(1, cur, series, min_drop=0.5)]
+    assert fires(replay(ProbeRegression(), recs)) == []
     cfg = {"suites": {"arith": {"min_drop": 0.05}, series: {"min_drop": 0.5}}}
     assert fires(replay(ProbeRegression(cfg), [rec(0, base, series), rec(1, cur, series)])) == []
     # The series' own entry wins over its base suite's, both ways.

@@ -1,4 +1,4 @@
-"""ProbeRegression's statistics, simulated through the real detector: false alarms with no true change, power on a real drop.
+"""ProbeRegression's statistics through the real detector: false alarms with no true change, power on a real drop.
 
 Each simulated run is one probe series: a first probe (the baseline), then 20 looks, each a fresh
 checkpoint. Measured with the seeds below (also in docs/detectors.md):
@@ -92,7 +92,7 @@ def continuous_null(runs: int, n: int = 200, noise: float = 0.3, seed: int = 1) 
 
 
 def power(runs: int, drop: float = 0.05, random_start: bool = False, seed: int = 2) -> float:
-    """Share of runs where a drop of `drop` in accuracy is caught (at its first look, or at any look after it starts)."""
+    """Share of runs where a drop of `drop` in accuracy is caught (at its first look, or at any look once it starts)."""
     rng = np.random.default_rng(seed)
     caught = 0
     for _ in range(runs):
