@@ -273,6 +273,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         import torch  # noqa: F401
     except ImportError:
         raise CliError("the demo trains a model with PyTorch: pip install 'trainguard[torch]'") from None
+    if args.scenario == "forgetting":
+        from monitor.demo import run_forgetting_demo
+
+        return run_forgetting_demo(pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
+                                   probe_every=args.probe_every, db=args.db, keep_serving=args.keep_serving)
     from monitor.demo import run_demo
 
     return run_demo(seconds=args.seconds, nan_at=args.nan_at, db=args.db, keep_serving=args.keep_serving)
@@ -293,6 +298,16 @@ def _fraction(v: str) -> float:
     x = float(v)
     if not 0 < x < 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {v}")
+    return x
+
+
+def _count(v: str) -> int:
+    try:
+        x = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {v}") from None
+    if x < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {v}")
     return x
 
 
@@ -406,14 +421,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--url", default=os.environ.get("TRAINGUARD_URL", DEFAULT_URL), help=url_help)
     s.set_defaults(func=cmd_silence)
 
-    s = sub.add_parser("demo", help="see trainguard catch a NaN in a live training run", formatter_class=fmt,
-                       description="Start a daemon in this process, train a tiny language model on the CPU for "
-                                   "about a minute with a NaN injected near the end, and show the NonFinite "
-                                   "alert as it fires. Exit status 0 when it fired at the injected step.",
+    s = sub.add_parser("demo", help="see trainguard catch a NaN or forgetting in a live training run",
+                       formatter_class=fmt,
+                       description="Start a daemon in this process and train a tiny language model on the CPU. "
+                                   "Scenario 'nan' (the default): about a minute of training with a NaN injected "
+                                   "near the end; exit status 0 when NonFinite fired at the injected step. "
+                                   "Scenario 'forgetting': pre-train a character-level GPT-2 on arithmetic word "
+                                   "problems, then fine-tune it on reading comprehension with an arithmetic probe "
+                                   "every few steps; exit status 0 when ProbeRegression fired.",
                        epilog="examples:\n  trainguard demo\n  trainguard demo --seconds 20\n"
+                              "  trainguard demo --scenario forgetting\n"
+                              "  trainguard demo --scenario forgetting --pretrain-steps 400 --finetune-steps 100\n"
                               "  trainguard demo --keep-serving   # browse /metrics and the API afterwards")
-    s.add_argument("--seconds", type=_positive, default=60.0, help="training time (default 60)")
-    s.add_argument("--nan-at", type=_fraction, default=0.85, help="when to inject, as a fraction (default 0.85)")
+    s.add_argument("--scenario", choices=("nan", "forgetting"), default="nan",
+                   help="what goes wrong in the run (default nan)")
+    s.add_argument("--seconds", type=_positive, default=60.0, help="nan: training time (default 60)")
+    s.add_argument("--nan-at", type=_fraction, default=0.85,
+                   help="nan: when to inject, as a fraction (default 0.85)")
+    s.add_argument("--pretrain-steps", type=_count, default=700,
+                   help="forgetting: steps of pre-training on arithmetic (default 700)")
+    s.add_argument("--finetune-steps", type=_count, default=300,
+                   help="forgetting: steps of fine-tuning on reading (default 300)")
+    s.add_argument("--probe-every", type=_count, default=25,
+                   help="forgetting: steps between arithmetic probes (default 25)")
     s.add_argument("--db", default=None, help="SQLite file (default: a new temporary directory)")
     s.add_argument("--keep-serving", action="store_true", help="keep the daemon up after training")
     s.set_defaults(func=cmd_demo)
