@@ -217,6 +217,8 @@ class DaemonCollector:
             ("trainguard_store_bytes_written", "Compressed batch bytes committed.", s.bytes_written),
             ("trainguard_store_commits", "SQLite transactions committed.", s.commits),
             ("trainguard_store_write_errors", "Failed SQLite transactions.", s.write_errors),
+            ("trainguard_store_commit_seconds", "Time spent in SQLite transactions, committed or failed (rate: the "
+             "writer's busy fraction; over commits: the mean commit time).", s.commit_seconds),
         ):
             c = CounterMetricFamily(name, help_)
             c.add_metric([], v)

@@ -65,6 +65,8 @@ class StoreStats:
     commits: int = 0
     write_errors: int = 0
     queue_depth: int = 0
+    # Seconds spent inside transactions: its rate is the writer's busy fraction, and over commits the mean latency.
+    commit_seconds: float = 0.0
 
 
 def _value_text(v: float | None) -> str | None:
@@ -190,6 +192,7 @@ class Store:
             self.stats.queue_depth = self._q.qsize()
             stop = False
             err: Exception | None = None
+            t0 = time.perf_counter()
             try:
                 conn.execute("BEGIN")
                 # Consecutive batches go in together, in queue order, a few statements per group
@@ -224,6 +227,7 @@ class Store:
                     conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
+            self.stats.commit_seconds += time.perf_counter() - t0
             for kind, args, fut in ops:
                 if fut is None:
                     continue
