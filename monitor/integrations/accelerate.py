@@ -137,7 +137,8 @@ class _Process:
 
 _proc = _Process()
 # Watch options; every other keyword argument configures the Reporter.
-_WATCH_OPTIONS = frozenset({"grad_norm_at", "norms_every", "group_norms_every", "batch_size", "max_steps"})
+_WATCH_OPTIONS = frozenset({"grad_norm_at", "norms_every", "group_norms_every", "batch_size", "max_steps", "probes",
+                            "probe_tokenizer"})
 
 
 def _install_exit_hook() -> None:

@@ -112,6 +112,10 @@ class TrainGuardCallback(TrainerCallback):
         self.meta = dict(meta or {})
         self.system_interval = system_interval
         self.close_timeout = close_timeout
+        if watch_kwargs.get("probes"):
+            from probes.probe import check_probes
+
+            watch_kwargs["probes"] = check_probes(watch_kwargs["probes"])  # a wrong entry fails here, not mid-run
         self.watch_kwargs = watch_kwargs
         self.watch: Watch | None = None
         self.engine: Any = None
@@ -228,12 +232,18 @@ class TrainGuardCallback(TrainerCallback):
         kw.setdefault("batch_size", getattr(args, "per_device_train_batch_size", None))
         kw.setdefault("max_steps", getattr(state, "max_steps", None) or None)
         kw["framework"] = "transformers"
+        probes, probe_tokenizer = kw.pop("probes", None), kw.pop("probe_tokenizer", None)
+        if probes and probe_tokenizer is None and trainer is not None:
+            # Probes given no tokenizer use the Trainer's own.
+            probe_tokenizer = getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None)
         # The Trainer computes the pre-clip norm every step (or the DeepSpeed engine does); the
         # Watch computes none of its own, and gets no optimizer so that it reads no lr after the
         # scheduler moved on. Its forward hooks give compute time, samples and tokens.
         kw["grad_norm_at"] = "off"
         self.watch = Watch(inner, None, run=self.run, meta=meta, system_interval=self.system_interval, **kw)
         self.watch.step_count = int(state.global_step)
+        if probes:
+            self.watch.add_probes(probes, probe_tokenizer)  # the baseline at the step training resumes from
         self._closed = False
 
     def close(self, status: str = "completed", timeout: float | None = None) -> bool:

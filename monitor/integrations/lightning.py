@@ -106,8 +106,16 @@ class _Hooks:
     """The callback's behaviour; TrainGuardCallback mixes it into the installed Callback base classes."""
 
     def __init__(self, run: str | None = None, *, meta: dict[str, Any] | None = None,
-                 system_interval: float = 5.0, **reporter_kwargs: Any):
+                 system_interval: float = 5.0, probes: Any = None, probe_tokenizer: Any = None,
+                 **reporter_kwargs: Any):
         self.run = run
+        self._probe_list: list[Any] = []
+        if probes:
+            from probes.probe import check_probes
+
+            self._probe_list = check_probes(probes)
+        self._probe_tokenizer = probe_tokenizer
+        self.probes: Any = None
         self.meta = dict(meta or {})
         self.system_interval = system_interval
         self.reporter_kwargs = reporter_kwargs
@@ -171,6 +179,10 @@ class _Hooks:
         self.reporter = Reporter(run=run, rank=rank, **self.reporter_kwargs)
         self.watch = Watch(None, None, reporter=self.reporter, meta=info, system_interval=self.system_interval,
                            framework="lightning")
+        if self._probe_list:
+            from probes.probe import ProbeSet
+
+            self.probes = ProbeSet(self._probe_list, self.reporter, tokenizer=self._probe_tokenizer)
         self.run = self.reporter.run
         try:
             self._cuda = pl_module.device.type == "cuda"
@@ -218,6 +230,8 @@ class _Hooks:
             self._ensure(trainer, pl_module)
             self._last_step = int(trainer.global_step)
             self._reset()
+            if self.probes:
+                self.probes.start(self._last_step, pl_module)  # the baseline, before the first step
             self._t_prev = self._t_step = time.perf_counter()
         except Exception:  # noqa: BLE001
             pass
@@ -294,6 +308,9 @@ class _Hooks:
             step = int(trainer.global_step)
             if step != self._last_step:
                 self._report(trainer, pl_module, step, now)
+                if self.probes and self.probes.after_step(step, pl_module):
+                    # The probe's time belongs to no step: restart the clocks after it.
+                    self._t_prev = self._t_step = time.perf_counter()
         except Exception:  # noqa: BLE001 - never raise into the training loop
             pass
 

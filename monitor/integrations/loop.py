@@ -49,6 +49,10 @@ class Watch:
     divided by the GradScaler's scale): `grad_norm_at="backward"`. Without a model it falls back to
     the optimizer's step pre-hook (`"optimizer"`, which sees clipped grads when you clip); `"off"`
     computes none. An explicit `step(grad_norm=...)` always wins.
+
+    `probes`: `probes.Probe` / `probes.Drift` objects, run on the model at once (the baseline) and
+    then on their schedule after `step()`; their time is left out of the step timings.
+    `probe_tokenizer` is used by probes that were given none.
     """
 
     def __init__(self, model: Any = None, optimizer: Any = None, *, run: str | None = None,
@@ -56,7 +60,7 @@ class Watch:
                  meta: dict[str, Any] | None = None, scaler: Any = None, grad_norm_at: str = "backward",
                  norms_every: int = 50, group_norms_every: int = 0, framework: str = "torch",
                  batch_size: int | None = None, max_steps: int | None = None, share_run_id: bool = True,
-                 hooks: bool = True, **reporter_kwargs: Any):
+                 hooks: bool = True, probes: Any = None, probe_tokenizer: Any = None, **reporter_kwargs: Any):
         if grad_norm_at not in _GRAD_NORM_AT:
             raise ValueError(f"grad_norm_at must be one of {_GRAD_NORM_AT}, got {grad_norm_at!r}")
         if reporter is not None:
@@ -103,7 +107,34 @@ class Watch:
             self._install_hooks()
         self._sampler = SystemSampler(self.reporter, system_interval, device=_cuda_index(self._params()),
                                       step=lambda: self.step_count).start()
+        self.probes: Any = None
+        if probes:
+            self.add_probes(probes, probe_tokenizer)
         _live.add(self)
+
+    def add_probes(self, probes: Any, tokenizer: Any = None) -> None:
+        """Schedule `probes` on this watch's model; their baselines run now, at the current step."""
+        from probes.probe import ProbeSet
+
+        self.probes = ProbeSet(probes, self.reporter, tokenizer=tokenizer)
+        if self.model is not None:
+            self._run_probes(start=True)
+
+    def _run_probes(self, start: bool = False, model: Any = None) -> None:
+        """Run what is due; the probe's forwards and wall time must not count in the next step."""
+        try:
+            ps = self.probes
+            if not ps:
+                return
+            m = model if model is not None else self.model
+            ran = ps.start(self.step_count, m) if start else ps.after_step(self.step_count, m)
+            if ran:
+                now = time.perf_counter()
+                self._last = now
+                if self._probe is not None:
+                    self._probe.reset(now)
+        except Exception:  # noqa: BLE001 - never raise into the training loop
+            pass
 
     # -- hooks ---------------------------------------------------------------------------------
 
@@ -235,6 +266,8 @@ class Watch:
             self._bwd_groups, self._pre_groups, self._update_vals = {}, {}, {}
             if self._probe is not None:
                 self._probe.reset(time.perf_counter())
+        if self.probes:
+            self._run_probes()
 
     def eval(self, loss: Any = None, *, global_step: int | None = None, **metrics: Any) -> None:
         """Report an evaluation at the current step (or at `global_step`)."""

@@ -188,3 +188,18 @@ def test_the_tracker_alone_maps_logged_keys_onto_train_and_eval_records(daemon: 
     assert announced.meta["config"] == {"lr": 0.1, "schedule": "cosine", "betas": [0.9, 0.95]}
     (end,) = stored(daemon, run, "end")
     assert (end.rank, end.step, end.status) == (0, 10, "completed")
+
+
+def test_two_processes_shard_a_probe_and_rank0_reports_every_item(daemon: Any, tmp_path: Path) -> None:
+    run = "acc-probe"
+    launch(daemon, run, tmp_path, 2, "--steps", "6", "--probe-every", "3", "--shard")
+    ref = refs(tmp_path, 2)
+    assert [r["steps"] for r in ref] == [6, 6]  # probing took no step from either rank
+    probes = [r for r in stored(daemon, run, "probe") if r.suite == "reading"]
+    assert [r.step for r in probes] == [0, 3, 6] and {r.rank for r in probes} == {0}
+    for r in probes:
+        # Six items split over two ranks and gathered: all of them scored, in the suite's order.
+        assert r.values["items_scored"] == 6 and r.values["items_total"] == 6
+        assert len(r.items) == 6 and all(x in (0.0, 1.0) for x in r.items)
+    gold = [r for r in stored(daemon, run, "probe") if r.suite == "reading/gold_logprob"]
+    assert [r.step for r in gold] == [0, 3, 6] and all(math.isfinite(x) and x < 0 for x in gold[0].items)

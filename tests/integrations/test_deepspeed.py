@@ -113,3 +113,19 @@ def test_without_zero_the_pre_clip_norm_is_trainguard_s_own(daemon: Any, tmp_pat
         assert r.values["skipped_steps"] == 0  # nothing checks for overflow without ZeRO or fp16
     a = nonfinite_alert(daemon, run)
     assert (a["name"], a["step"], a["labels"]["metric"]) == ("NonFinite", nan_at, "grad_norm")
+
+
+def test_a_probe_runs_on_the_engine_s_module_at_start_and_every_n_steps(daemon: Any, tmp_path: Path) -> None:
+    run = "ds-probe"
+    res = run_engine(daemon, tmp_path, run, "--stage", "1", "--steps", "8", "--probe-every", "4")
+    assert [s["step"] for s in res["steps"]] == list(range(1, 9))
+    probes = stored_records(daemon, run, "probe")
+    assert [(r.suite, r.step) for r in probes] == [
+        ("arithmetic", 0), ("arithmetic/gold_logprob", 0), ("arithmetic", 4), ("arithmetic/gold_logprob", 4),
+        ("arithmetic", 8), ("arithmetic/gold_logprob", 8)]
+    assert all(len(r.items) == 6 for r in probes)
+    assert all(r.values["items_scored"] == 6 for r in probes if r.suite == "arithmetic")
+    # The model trains between probes: the gold answers' log-probabilities move.
+    assert probes[1].items != probes[5].items
+    train = [r for r in stored_records(daemon, run, "train") if "loss" in r.values]
+    assert [r.step for r in train] == list(range(1, 9))

@@ -235,3 +235,27 @@ def test_detach_leaves_the_trainer_as_it_was(daemon: Any, tmp_path: Path) -> Non
     trainer.train()  # trains on without reporting
     assert [r.step for r in stored_records(daemon, run, "train")] == [1, 2, 3, 4]
     assert [e.status for e in stored_records(daemon, run, "end")] == ["completed"]
+
+
+def test_probes_use_the_trainer_s_tokenizer_and_leave_its_training_as_it_was(daemon: Any, tmp_path: Path) -> None:
+    from probes import Probe
+
+    steps = 12
+    ref = make_trainer(tmp_path / "ref", steps=steps, logging_steps=1)
+    ref.train()
+    ref_logs = train_logs(ref)
+
+    run = "hf-probes"
+    trainer = make_trainer(tmp_path / "mon", steps=steps, logging_steps=1)
+    trainer.processing_class = tiny_tokenizer()
+    cb = attach(trainer, run=run, address=daemon.grpc_address, heartbeat_interval=0,
+                probes=[Probe("reading", n=6, every_steps=5, max_share=None)])
+    trainer.train()
+    assert cb.close() is True
+    assert trainer.model.training  # left in train mode
+    logs = train_logs(trainer)
+    assert sorted(logs) == sorted(ref_logs) == list(range(1, steps + 1))
+    assert [logs[s]["loss"] for s in logs] == [ref_logs[s]["loss"] for s in logs]  # same curve, bit for bit
+    probes = [r for r in stored_records(daemon, run, "probe") if r.suite == "reading"]
+    assert [r.step for r in probes] == [0, 5, 10]
+    assert all(r.values["items_scored"] == 6 and len(r.items) == 6 for r in probes)

@@ -146,3 +146,32 @@ def test_an_exception_in_training_step_ends_the_run_as_failed(daemon: Any, tmp_p
     summary = wait_for(lambda: {r["run"]: r for r in http_json(daemon.http_url + "/api/v1/runs")["runs"]}.get(run),
                        timeout=10, what="the run")
     assert summary["status"] == "failed"
+
+
+LM_SCRIPT = Path(__file__).parent / "scripts" / "pl_lm.py"
+
+
+def fit_lm(daemon: Any, run: str, out: Path, *args: str) -> list[dict[str, Any]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "LOCAL_RANK", "PL_"))}
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    env.update(TRAINGUARD_ADDRESS=daemon.grpc_address, TRAINGUARD_RUN=run, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(LM_SCRIPT), "--out", str(out), *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+
+
+def test_ddp_sharded_probe_gathers_every_item_and_leaves_the_losses_alone(daemon: Any, tmp_path: Path) -> None:
+    plain = fit_lm(daemon, "pl-lm-ref", tmp_path / "ref", "--devices", "2", "--strategy", "ddp",
+                   "--probe-every", "0")
+    probed = fit_lm(daemon, "pl-lm-probe", tmp_path / "probe", "--devices", "2", "--strategy", "ddp",
+                    "--probe-every", "3", "--shard")
+    assert [r["global_step"] for r in probed] == [6, 6]
+    # Dropout is on and the loader shuffles: equal losses mean the probes moved no generator.
+    assert [r["losses"] for r in probed] == [r["losses"] for r in plain]
+    assert all(r["training"] for r in probed)
+    recs = [r for r in stored(daemon, "pl-lm-probe", "probe") if r.suite == "arithmetic"]
+    assert [r.step for r in recs] == [0, 3, 6] and {r.rank for r in recs} == {0}
+    assert all(r.values["items_scored"] == 6 and len(r.items) == 6 for r in recs)
+    assert not stored(daemon, "pl-lm-ref", "probe")

@@ -405,3 +405,49 @@ def test_a_loop_that_passes_its_own_norm_is_spared_ours_and_meta_has_the_configu
     assert [v["grad_norm"] for v in train_values(daemon, run)] == pytest.approx(given, rel=1e-6)
     run_rec = [r for r in stored_records(daemon, run, "run")][0]
     assert run_rec.meta["optimizer"]["lr"] == 0.05
+
+
+def test_probes_run_at_start_and_every_n_steps_without_changing_the_loss_curve(daemon: Any) -> None:
+    """A char GPT-2 with dropout and random batches: the losses with probes are those without, bit for bit."""
+    import random
+
+    from monitor.demo import CharTokenizer, lm_batch, task_texts
+    from probes import Drift, Probe
+    from tests.probes.conftest import char_gpt
+
+    tok = CharTokenizer()
+    pairs = task_texts("arithmetic", 300, seed=2)
+
+    def fit(run: str, probes: list[Any] | None) -> tuple[list[float], int, Any]:
+        model = char_gpt(seed=3)
+        torch.manual_seed(5)
+        rng = random.Random(5)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        mon = monitor.watch(model, opt, run=run, address=daemon.grpc_address, heartbeat_interval=0,
+                            probes=probes, probe_tokenizer=tok)
+        losses = []
+        model.train()
+        for _ in range(12):
+            x, y = lm_batch(tok, pairs, rng, 8)
+            loss = model(input_ids=x, labels=y).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(loss=loss)
+            losses.append(float(loss.detach()))
+            assert model.training
+        assert mon.close()
+        return losses, mon.step_count, mon
+
+    plain, n_plain, _ = fit("loop-no-probes", None)
+    probes = [Probe("arithmetic", n=6, every_steps=4, max_share=None), Drift(n_prompts=4, every_steps=6, max_share=None)]
+    probed, n_probed, _ = fit("loop-probes", probes)
+    assert plain == probed and n_plain == n_probed == 12
+    recs = stored_records(daemon, "loop-probes", "probe")
+    assert [r.step for r in recs if r.suite == "arithmetic"] == [0, 4, 8, 12]
+    assert [r.step for r in recs if r.suite == "drift"] == [0, 6, 12]
+    assert all(len(r.items) == 6 for r in recs if r.suite == "arithmetic")
+    train = [r for r in stored_records(daemon, "loop-probes", "train") if "loss" in r.values]
+    assert [r.step for r in train] == list(range(1, 13))
+    assert [r.values["loss"] for r in train] == pytest.approx(probed)
+    assert not stored_records(daemon, "loop-no-probes", "probe")

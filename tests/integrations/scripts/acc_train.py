@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--trackers-first", action="store_true", help="init_trackers before the watch is attached")
     ap.add_argument("--manual", action="store_true", help="auto_step=False: the loop hands its loss to mon.step()")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--probe-every", type=int, default=0, help="probe the model every N steps (0: no probes)")
+    ap.add_argument("--shard", action="store_true", help="split the probe's items over the ranks")
     a = ap.parse_args()
 
     import torch
@@ -39,10 +41,15 @@ def main() -> None:
     from monitor.integrations.accelerate import TrainGuardTracker
 
     torch.set_num_threads(1)
-    tracker = TrainGuardTracker(heartbeat_interval=0.5)
+    extra = {}
+    tok = tiny_tokenizer()
+    if a.probe_every:
+        from probes import Probe
+
+        extra["probes"] = [Probe("reading", tok, n=6, every_steps=a.probe_every, max_share=None, shard=a.shard)]
+    tracker = TrainGuardTracker(heartbeat_interval=0.5, **extra)
     # cpu=True: under torchrun without a GPU, Accelerate only goes multi-process when told it is on the CPU.
     accelerator = Accelerator(log_with=[tracker], gradient_accumulation_steps=a.accum, cpu=True)
-    tok = tiny_tokenizer()
     per_rank = a.steps * a.accum * a.batch
     data = tiny_text_dataset(tok, n=per_rank * accelerator.num_processes, seq_len=a.seq)
     val = tiny_text_dataset(tok, n=2 * a.batch * accelerator.num_processes, seq_len=a.seq, seed=1)

@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--nan-grad-at", type=int, default=0, help="optimizer step whose gradient gets a NaN")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--probe-every", type=int, default=0, help="probe the model every N steps (0: no probes)")
     a = ap.parse_args()
 
     import torch
@@ -45,7 +46,13 @@ def main() -> None:
     config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": a.gas,
               "gradient_clipping": a.clip, "zero_optimization": {"stage": a.stage}, "steps_per_print": 10**9}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
-    mon = tg_deepspeed.watch(engine, heartbeat_interval=0, system_interval=0.2)
+    extra = {}
+    if a.probe_every:
+        from probes import Probe
+
+        extra = {"probes": [Probe("arithmetic", n=6, every_steps=a.probe_every, max_share=None)],
+                 "probe_tokenizer": tok}
+    mon = tg_deepspeed.watch(engine, heartbeat_interval=0, system_interval=0.2, **extra)
 
     # A NaN in one gradient of one optimizer step, put there during backward (before any reduction).
     poison = {"on": False}
