@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,6 +32,11 @@ from monitor.daemon.alerts import RULE_KEYS
 from monitor.daemon.app import DaemonConfig
 from monitor.daemon.detectors import ALERT_SEVERITIES
 from tests.helpers import ROOT, http_json
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10, as the daemon does
+    import tomli as tomllib  # type: ignore[no-redef]
 
 CHART = ROOT / "helm" / "trainguard"
 ALL_VALUES = CHART / "ci" / "all-values.yaml"
