@@ -242,6 +242,10 @@ def outputs(runbook_url: str) -> dict[Path, str]:
     return out
 
 
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -268,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             path.unlink()
     for path in stale:
         verb = "stale" if args.check else "wrote"
-        print(f"{verb}: {path.relative_to(ROOT)}", file=sys.stderr if args.check else sys.stdout)
+        print(f"{verb}: {_shown(path)}", file=sys.stderr if args.check else sys.stdout)
     if args.check and stale:
         print("run `python prometheus/build.py` and commit the result", file=sys.stderr)
         return 1
