@@ -104,12 +104,17 @@ class Scheduled:
             return 1 << 62
         return (step // self.every_steps + 1) * self.every_steps
 
-    def ran(self, step: int, started: float, ended: float) -> int:
-        """Book a run; returns the next step it is due (the share cap turned into steps by this rank's pace)."""
+    def ran(self, step: int, started: float, ended: float, round_seconds: float | None = None) -> int:
+        """Book a run; returns the next step it is due (the share cap turned into steps by this rank's pace).
+
+        `round_seconds`: the time of every probe that ran at this step together. The cap holds for the
+        set of probes, not for each alone: five probes at 5 % each would otherwise take 25 %.
+        """
         took = max(0.0, ended - started)
         nxt = self._after(step)
         if self.max_share is not None:
-            gap = took * (1.0 / self.max_share - 1.0)  # training time needed to keep the probe's share
+            spent = max(took, round_seconds or 0.0)
+            gap = spent * (1.0 / self.max_share - 1.0)  # training time needed to keep the share
             self._not_before = ended + gap
             if self._last_end is not None and self._last_step is not None and step > self._last_step:
                 pace = max(0.0, started - self._last_end) / (step - self._last_step)
@@ -122,6 +127,11 @@ class Scheduled:
         self._waiting = False
         self.next_step = nxt
         return nxt
+
+    def hold(self, ended: float, spent: float) -> None:
+        """Wait, under the share cap, for `spent` seconds of probing by the set that ended at `ended`."""
+        if self.max_share is not None:
+            self._not_before = max(self._not_before, ended + spent * (1.0 / self.max_share - 1.0))
 
     def model_of(self, model: Any) -> Any:
         """The language model to probe inside what the integration hands over."""
@@ -241,7 +251,7 @@ class ProbeSet:
         if not self.probes or model is None:
             return False
         dist, rank, world = _dist()
-        ran = False
+        done: list[tuple[Any, float, float]] = []
         for p in self.probes:
             try:
                 sharded = p.shard and world > 1
@@ -252,28 +262,42 @@ class ProbeSet:
                     continue
                 t0 = p.clock()
                 recs = p.run(model, rank, world, dist, tokenizer=self.tokenizer)
-                nxt = p.ran(step, t0, p.clock())
-                if sharded and dist is not None:
-                    box = [nxt]
-                    dist.broadcast_object_list(box, src=0)
-                    p.next_step = int(box[0])
+                done.append((p, t0, p.clock()))
                 for suite, values, items in recs:
                     self.reporter.log("probe", step, values, suite=suite,
                                       items=list(items) if items is not None else None)
-                ran = True
             except Exception as e:  # noqa: BLE001 - a probe must never break training
-                p.errors += 1
-                p.next_step = p._after(step)
-                if p.name not in self._warned:
-                    self._warned.add(p.name)
-                    log.warning("trainguard: probe %r failed at step %s (%s: %s); training goes on, later "
-                                "failures are counted in the probe's 'errors' value", p.name, step,
-                                type(e).__name__, e)
-                try:
-                    self.reporter.log("probe", step, {"errors": float(p.errors)}, suite=p.name)
-                except Exception:  # noqa: BLE001
-                    pass
-        return ran
+                self._failed(p, step, e)
+        spent = sum(t1 - t0 for _, t0, t1 in done)
+        for p, t0, t1 in done:
+            try:
+                nxt = p.ran(step, t0, t1, round_seconds=spent)
+                if p.shard and world > 1 and dist is not None:
+                    box = [nxt]
+                    dist.broadcast_object_list(box, src=0)
+                    p.next_step = int(box[0])
+            except Exception as e:  # noqa: BLE001
+                self._failed(p, step, e)
+        if done:
+            # Every probe of the set waits for the round, not only those in it: otherwise the probes
+            # drift apart into rounds of one, each keeping only its own share.
+            ended = max(t1 for _, _, t1 in done)
+            for p in self.probes:
+                p.hold(ended, spent)
+        return bool(done)
+
+    def _failed(self, p: Any, step: int, e: BaseException) -> None:
+        """Count a probe's failure, warn once per probe, and report the count."""
+        p.errors += 1
+        p.next_step = p._after(step)
+        if p.name not in self._warned:
+            self._warned.add(p.name)
+            log.warning("trainguard: probe %r failed at step %s (%s: %s); training goes on, later "
+                        "failures are counted in the probe's 'errors' value", p.name, step, type(e).__name__, e)
+        try:
+            self.reporter.log("probe", step, {"errors": float(p.errors)}, suite=p.name)
+        except Exception:  # noqa: BLE001
+            pass
 
 
 __all__ = ["DEFAULT_EVERY_STEPS", "DEFAULT_MAX_SHARE", "Probe", "ProbeSet", "Scheduled", "check_probes"]

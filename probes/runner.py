@@ -8,6 +8,7 @@ generate plugs in through the three methods of `Adapter`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import random
 import sys
@@ -28,8 +29,8 @@ class Adapter(Protocol):
         """Summed log-probability (nats) of each continuation given its context."""
         ...
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-        """Greedy continuations of each prompt (the new text only)."""
+    def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = ()) -> list[str]:
+        """Greedy continuations of each prompt (the new text only); may end early once `stop` text appeared."""
         ...
 
     def next_token_logprobs(self, prompts: Sequence[str]) -> Any:
@@ -93,6 +94,7 @@ class CausalLMAdapter:
         if self.bos_id is None:
             self.bos_id = eos
         self._mask_ok = True
+        self._stop: tuple[str, ...] = ()
 
     # -- tokens ----------------------------------------------------------------------------------
 
@@ -170,8 +172,13 @@ class CausalLMAdapter:
                 out[i] = float(logp[j, pos, tgt].sum())
         return out
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-        """Greedy continuations: the model's own `generate` (KV cache) when it has one, else a plain loop."""
+    def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = ()) -> list[str]:
+        """Greedy continuations: the model's own `generate` (KV cache) when it has one, else a plain loop.
+
+        Generation of a row ends once its new text holds one of the `stop` strings; what comes before
+        the stop is what it would have been without it, and scoring cuts there anyway.
+        """
+        self._stop = tuple(x for x in stop if x)
         if not prompts:
             return []
         enc = [self.encode(p)[-(self.max_length - max_new_tokens):] or [int(self.bos_id or 0)] for p in prompts]
@@ -196,9 +203,21 @@ class CausalLMAdapter:
             ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
             mask[i, width - len(r):] = 1
         dev = self._device()
+        extra: dict[str, Any] = {}
+        if self._stop:
+            from transformers import StoppingCriteria, StoppingCriteriaList
+
+            adapter = self
+
+            class _Stopped(StoppingCriteria):
+                def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                    done = [adapter._stopped(row) for row in input_ids[:, width:].tolist()]
+                    return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+            extra["stopping_criteria"] = StoppingCriteriaList([_Stopped()])
         gen = self.module.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
                                    do_sample=False, num_beams=1, pad_token_id=self.pad_id,
-                                   temperature=None, top_p=None, top_k=None)
+                                   temperature=None, top_p=None, top_k=None, **extra)
         eos = getattr(self.tokenizer, "eos_token_id", None)
         res = []
         for row in gen[:, width:].tolist():
@@ -217,7 +236,14 @@ class CausalLMAdapter:
                 tok = int(logits[i, len(window[i]) - 1].argmax())
                 s.append(tok)
                 new[i].append(tok)
+            if self._stop and all(self._stopped(r) for r in new):
+                break
         return new
+
+    def _stopped(self, new_ids: Sequence[int]) -> bool:
+        """Whether a row's new text holds a stop string (its generation may end)."""
+        text = self.decode(new_ids)
+        return any(x in text for x in self._stop)
 
     def next_token_logprobs(self, prompts: Sequence[str]) -> Any:
         """[n, vocab] log-softmax of the next token after each prompt, float32 on the CPU."""
@@ -328,13 +354,24 @@ def run_suite(adapter: Any, suite: Suite, *, indices: Sequence[int] | None = Non
                 by_len.setdefault(suite.items[i].max_new_tokens or suite.max_new_tokens, []).append(i)
             for mnt, group in by_len.items():
                 prompts = [suite.prompt(suite.items[i]) for i in group]
-                outs = adapter.generate(prompts, mnt)
+                outs = _generate(adapter, prompts, mnt, suite.stop)
                 golds = adapter.loglikelihood([(p, " " + suite.items[i].gold_text()) for p, i in zip(prompts, group)])
                 for i, raw, g in zip(group, outs, golds):
                     text = scoring.clean_output(raw, suite.stop)
                     outputs[i] = text
                     metrics[i] = scoring.score_generation(suite.items[i], text, gold_logprob=g)
     return SuiteRun(suite=suite, metrics=metrics, outputs=outputs, seconds=clock() - t0, indices=idx)
+
+
+def _generate(adapter: Any, prompts: list[str], max_new_tokens: int, stop: Sequence[str]) -> list[str]:
+    """adapter.generate with the suite's stop strings, for adapters that take them."""
+    try:
+        takes_stop = "stop" in inspect.signature(adapter.generate).parameters
+    except (TypeError, ValueError):
+        takes_stop = False
+    if takes_stop:
+        return list(adapter.generate(prompts, max_new_tokens, stop=tuple(stop)))
+    return list(adapter.generate(prompts, max_new_tokens))
 
 
 def series(run: SuiteRun, *, extra: Sequence[str] = ("gold_logprob",), min_drop: float | None = None,

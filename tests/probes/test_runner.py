@@ -339,3 +339,57 @@ def test_probe_arguments_are_checked_with_the_field_named() -> None:
     with pytest.raises(ValueError, match="tokenizer"):
         Probe("arithmetic", n=2).run(char_gpt())
     assert Probe("arithmetic", n=3, min_drop=0.1).name == "arithmetic"
+
+
+def test_the_share_cap_holds_for_the_probes_together() -> None:
+    """Two probes of 1 s each at 10 %: the next round needs 18 s of training, not 9 s each."""
+    now = [0.0]
+
+    class Timed(Scheduled):
+        def __init__(self, name: str) -> None:
+            super().__init__(every_steps=10, max_share=0.1, clock=lambda: now[0])
+            self.name = name
+
+        def run(self, model: Any, *args: Any, **kwargs: Any) -> list[Any]:
+            now[0] += 1.0
+            return [(self.name, {"x": 1.0}, None)]
+
+    sink = Sink()
+    ps = ProbeSet([Timed("a"), Timed("b")], sink)
+    assert ps.start(0, object())
+    now[0] = 2.0 + 10.0  # 10 s of training: enough for one probe's 9 s, not for the pair's 18 s
+    assert not ps.after_step(10, object())
+    now[0] = 2.0 + 18.5
+    assert ps.after_step(11, object())
+    assert [(s, kw["suite"]) for _, s, _, kw in sink.logged] == [(0, "a"), (0, "b"), (11, "a"), (11, "b")]
+
+    # On different schedules, one probe's round holds the other back too.
+    now[0] = 0.0
+    a, b = Timed("a"), Timed("b")
+    b.every_steps = 15
+    sink = Sink()
+    ps = ProbeSet([a, b], sink)
+    ps.start(0, object())  # 2 s: both wait until 2 + 18
+    now[0] = 21.0
+    assert ps.after_step(10, object())  # a alone, 1 s: both wait until 22 + 9
+    now[0] = 25.0
+    assert not ps.after_step(15, object())
+    now[0] = 31.5
+    assert ps.after_step(16, object())
+    assert [(s, kw["suite"]) for _, s, _, kw in sink.logged] == [(0, "a"), (0, "b"), (10, "a"), (16, "b")]
+
+
+def test_stop_strings_end_generation_early_without_changing_the_answer(trained: tuple[Any, Any]) -> None:
+    from probes.scoring import clean_output
+
+    model, tok = trained
+    suite = builtin("format", n=8)
+    prompts = [suite.prompt(it) for it in suite.items]
+    with probing(model):
+        full = CausalLMAdapter(model, tok, batch_size=4).generate(prompts, 24)
+        early = CausalLMAdapter(model, tok, batch_size=4).generate(prompts, 24, stop=suite.stop)
+        loop = CausalLMAdapter(LogitsOnly(model), tok, batch_size=4, max_length=256).generate(prompts, 24,
+                                                                                            stop=suite.stop)
+    assert [clean_output(x, suite.stop) for x in early] == [clean_output(x, suite.stop) for x in full]
+    assert [clean_output(x, suite.stop) for x in loop] == [clean_output(x, suite.stop) for x in full]
+    assert sum(map(len, early)) < sum(map(len, full))  # it did stop early
