@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) bench/loop_overhead.py
 	$(PY) bench/ingest.py
 	$(PY) bench/detectors.py
+	$(PY) bench/probes.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
