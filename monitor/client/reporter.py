@@ -5,6 +5,9 @@ exceptions). A sender thread turns queued records into batches, ships them to th
 gRPC, retries transient failures with jittered exponential backoff and resends a batch until the
 daemon acknowledges its sequence number. A heartbeat thread reports the last finished step and the
 reporter's own counters every second, so the daemon can tell a blocked rank from a gone one.
+
+With a spill directory, what the memory queue cannot hold while the daemon is away goes to a bounded file
+(monitor.client.spill) as encoded batches, sent in order, before newer records, once the daemon is back.
 """
 
 from __future__ import annotations
@@ -29,6 +32,13 @@ log = logging.getLogger("trainguard.client")
 
 DEFAULT_ADDRESS = "127.0.0.1:9751"
 RETRYABLE_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
+# Trailing metadata of a RESOURCE_EXHAUSTED answer: how long the daemon asks this client to wait, in milliseconds.
+RETRY_AFTER_KEY = "retry-after-ms"
+# A daemon asking for longer is capped: a client silent for minutes would look lost to the daemon's own rules.
+MAX_RETRY_AFTER = 60.0
+# 256 MiB hold about 3 million train records of ten values (82 bytes each, encoded): three days of one rank at
+# 10 steps/s, eight hours at 100.
+DEFAULT_SPILL_MAX_BYTES = 256 * 1024 * 1024
 _OFF = ("", "off", "none", "0")
 # Kinds whose records keep their order behind a record that waits for a device value.
 _ORDERED_KINDS = frozenset({"train", "eval", "probe", "end"})
@@ -90,6 +100,10 @@ class ReporterStats:
     queue_depth: int
     batches_sent: int
     last_error: str | None
+    spilled: int = 0  # records written to the spill file (they count in queue_depth until sent)
+    spill_bytes: int = 0  # bytes waiting in spill files, adopted ones included
+    spill_torn: int = 0  # spilled batches found cut short or corrupt, and discarded
+    recovered: int = 0  # records delivered from spill files that an earlier process left
 
 
 class Reporter:
@@ -115,6 +129,8 @@ class Reporter:
         timeout: float = 10.0,
         max_backoff: float = 5.0,
         device_wait: float = 120.0,
+        spill_path: str | None = None,
+        spill_max_bytes: int = DEFAULT_SPILL_MAX_BYTES,
         start: bool = True,
     ):
         run = run or _env_run() or generate_run_id()
@@ -134,6 +150,13 @@ class Reporter:
         if record_path is None:
             record_path = os.environ.get("TRAINGUARD_RECORD") or None
         self.record_path = record_path
+        if spill_path is None:
+            spill_path = os.environ.get("TRAINGUARD_SPILL") or None
+        if spill_path is not None and spill_path.strip().lower() in _OFF:
+            spill_path = None
+        # A directory: each sender writes its own file there, and adopts the files of senders that have gone.
+        self.spill_path: str | None = spill_path
+        self.spill_max_bytes = max(0, int(spill_max_bytes))
         self.max_queue = max(1, int(max_queue))
         self.batch_size = max(1, int(batch_size))
         self.flush_interval = flush_interval
@@ -155,7 +178,10 @@ class Reporter:
         self._backlog: collections.deque[Record] = collections.deque()
         # Records taken off the queue whose device values are not copied yet, in order.
         self._held: collections.deque[tuple] = collections.deque()
-        self._inflight: tuple[int, list[Record], bytes] | None = None
+        # The batch on its way: (sequence, records, payload, source) where source is None for a batch cut from the
+        # backlog, or the spill file it was read from (it stays there until acknowledged).
+        self._inflight: tuple[int, int, bytes, Any] | None = None
+        self._spill: Any = None  # monitor.client.spill.Spill, made by the sender thread
         self._seq = 0
         self._lock = threading.Lock()  # guards the rare-path counters only
         self._wake = threading.Event()
@@ -180,6 +206,7 @@ class Reporter:
         self._retries = 0
         self._invalid_values = 0
         self._batches = 0
+        self._recovered = 0
         self._backoff = 0.0
         self._retry_at = 0.0
         self._last_error: str | None = None
@@ -202,6 +229,12 @@ class Reporter:
         # first time it logs (DataLoader workers fork and never log: they cost nothing).
         was_started = self._started and not self._closed
         record_path = self.record_path
+        if self._spill is not None:
+            # The parent's spill files stay the parent's: close the copies of their descriptors, touch nothing.
+            try:
+                self._spill.forget()
+            except Exception:  # noqa: BLE001
+                pass
         writer = self._writer
         if writer is not None:
             # The parent's buffered trace lines are copied into this process too; dropping the
@@ -280,17 +313,29 @@ class Reporter:
 
     def stats(self) -> ReporterStats:
         """A snapshot of the reporter's counters."""
+        inflight = self._inflight
+        spill = self._spill
         depth = (len(self._q) + len(self._held) + len(self._backlog)
-                 + (len(self._inflight[1]) if self._inflight else 0))
+                 + (inflight[1] if inflight is not None and inflight[3] is None else 0))
+        dropped = self._dropped
+        spilled = spill_bytes = spill_torn = 0
+        if spill is not None:
+            try:
+                depth += spill.own_records
+                dropped += spill.own_lost
+                spilled, spill_bytes, spill_torn = spill.spilled, spill.pending_bytes, spill.torn_total
+            except Exception:  # noqa: BLE001 - read while the sender swaps files: the next snapshot is exact
+                pass
         # Read while the sender drains, a record can sit between the queue and the taken count for
         # a moment; the high-water mark keeps the exported counter from ever going backwards.
         queued = max(self._queued_seen, self._taken + self._dropped_unread + len(self._q))
         self._queued_seen = queued
         return ReporterStats(
-            queued=queued, sent=self._sent, dropped=self._dropped,
+            queued=queued, sent=self._sent, dropped=dropped,
             rejected=self._rejected, retries=self._retries, invalid_values=self._invalid_values,
             queue_depth=depth, batches_sent=self._batches,
-            last_error=self._last_error,
+            last_error=self._last_error, spilled=spilled, spill_bytes=spill_bytes, spill_torn=spill_torn,
+            recovered=self._recovered,
         )
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -348,9 +393,12 @@ class Reporter:
     def _pending(self) -> bool:
         if self.address is None:
             return bool(self._q or self._held)
-        return bool(self._q or self._held or self._backlog or self._inflight)
+        spill = self._spill
+        return bool(self._q or self._held or self._backlog or self._inflight or (spill is not None and spill.pending))
 
     def _sender_loop(self) -> None:
+        if self.spill_path and self.address is not None:
+            self._open_spill()
         while True:
             try:
                 wait = self.flush_interval
@@ -366,6 +414,7 @@ class Reporter:
                 if not self._pending():
                     self._idle.set()
                 if self._stop.is_set():
+                    self._close_spill()
                     return
             except Exception as e:  # noqa: BLE001 - a bug here must not kill telemetry for good
                 self._last_error = f"sender: {e!r}"
@@ -454,14 +503,84 @@ class Reporter:
             return
         backlog = self._backlog
         backlog.extend(recs)
-        # The batch awaiting its acknowledgement counts too: max_queue bounds all that is held.
-        held = len(self._inflight[1]) if self._inflight else 0
+        # The batch awaiting its acknowledgement counts too: max_queue bounds all that is held in memory.
+        inflight = self._inflight
+        held = inflight[1] if inflight is not None and inflight[3] is None else 0
         over = min(len(backlog), len(backlog) + held - self.max_queue)
+        if over > 0 and self._spill is not None:
+            over = self._spill_out(over)
         if over > 0:
             for _ in range(over):
                 backlog.popleft()
             with self._lock:
                 self._dropped += over
+
+    # -- spill -----------------------------------------------------------------------------------
+
+    def _open_spill(self) -> None:
+        """Set up the spill directory and adopt the files that senders which have gone left there."""
+        from monitor.client import spill
+
+        try:
+            name = spill.file_name(self.run, self.rank, self.incarnation)
+            self._spill = sp = spill.Spill(self.spill_path or "", name, self.spill_max_bytes)
+            found = sp.adopt_orphans()
+            if found:
+                log.info("trainguard: %d record(s) left in %s by an earlier process will be sent first",
+                         found, self.spill_path)
+        except Exception as e:  # noqa: BLE001 - without a spill the reporter still works as before
+            self._last_error = f"spill: {e!r}"
+            self._warn(self._last_error)
+
+    def _spill_out(self, over: int) -> int:
+        """Move the oldest records held in memory to the spill file; return how many still have to be dropped.
+
+        The batch on its way goes first, then whole batches from the backlog's front, each under the next
+        sequence number: the file holds everything older than the backlog, in the order it must be sent.
+        """
+        sp = self._spill
+        inflight = self._inflight
+        if inflight is not None and inflight[3] is None:
+            seq, n, payload, _ = inflight
+            if not sp.write(payload, n):
+                return over
+            self._inflight = None
+            over -= n
+        backlog = self._backlog
+        while over > 0 and backlog:
+            if sp.room() <= 0:
+                break
+            batch = self._next_batch()
+            if batch is None:
+                break
+            seq, n, payload, _ = batch
+            if not sp.write(payload, n):
+                # Cut already (its sequence number is spent, which the daemon does not mind): it is dropped here.
+                with self._lock:
+                    self._dropped += n
+                self._warn(f"{n} record(s) dropped: {sp.last_error}")
+                over -= n
+                break
+            over -= n
+        return max(0, min(over, len(backlog)))
+
+    def _close_spill(self) -> None:
+        """At stop: what memory still holds goes to the spill file, and the files are released for a later process."""
+        sp = self._spill
+        if sp is None:
+            return
+        try:
+            if self._backlog or (self._inflight is not None and self._inflight[3] is None):
+                held = len(self._backlog) + (self._inflight[1] if self._inflight and self._inflight[3] is None else 0)
+                left = self._spill_out(held)
+                if left:
+                    for _ in range(left):
+                        self._backlog.popleft()
+                    with self._lock:
+                        self._dropped += left
+            sp.close()
+        except Exception as e:  # noqa: BLE001
+            self._last_error = f"spill: {e!r}"
 
     def _ready_now(self, item: tuple) -> bool:
         """Whether every deferred value of a record can be read now (or has waited past device_wait)."""
@@ -521,7 +640,7 @@ class Reporter:
                 return None
         return rec
 
-    def _next_batch(self) -> tuple[int, list[Record], bytes] | None:
+    def _next_batch(self) -> tuple[int, int, bytes, Any] | None:
         from monitor import wire
 
         backlog = self._backlog
@@ -551,7 +670,7 @@ class Reporter:
             self._warn(f"record of kind {recs[0].kind!r} is {len(payload)} bytes, over the 4 MiB limit; dropped")
             return self._next_batch()
         self._seq += 1
-        return (self._seq, recs, payload)
+        return (self._seq, n, payload, None)
 
     def _drop_unencodable(self, n: int) -> int:
         """Remove (and count) the records among the first `n` of the backlog that cannot be encoded."""
@@ -578,22 +697,27 @@ class Reporter:
     def _ensure_channel(self) -> None:
         if self._call is not None:
             return
-        import grpc
-
         from monitor import wire
 
-        self._channel = grpc.insecure_channel(
-            self.address,
-            options=[
-                # Reconnect quickly after a daemon restart instead of grpc's default of up to 2 minutes.
-                ("grpc.initial_reconnect_backoff_ms", 200),
-                ("grpc.min_reconnect_backoff_ms", 200),
-                ("grpc.max_reconnect_backoff_ms", int(self.max_backoff * 1000)),
-                ("grpc.max_send_message_length", 2 * wire.MAX_BATCH_BYTES),
-                ("grpc.enable_retries", 0),
-            ],
-        )
+        self._channel = open_channel(self.address or DEFAULT_ADDRESS, self.max_backoff)
         self._call = self._channel.unary_unary(wire.REPORT_METHOD)
+
+    def _take_next(self) -> tuple[int, int, bytes, Any] | None:
+        """The next batch to send: spilled ones (all older) first, then one cut from the backlog."""
+        sp = self._spill
+        if sp is not None and sp.pending:
+            try:
+                got = sp.next()
+            except OSError as e:
+                self._last_error = f"spill: {e}"
+                self._warn(self._last_error)
+                got = None
+            if got is not None:
+                f, n, payload = got
+                return (0, n, payload, f)
+            if sp.pending:
+                return None  # unreadable for now: sending newer records first would reorder them
+        return self._next_batch()
 
     def _send_ready(self) -> None:
         import grpc
@@ -602,12 +726,16 @@ class Reporter:
 
         while True:
             if self._inflight is None:
-                self._inflight = self._next_batch()
+                if self._q and self._spill is not None:
+                    # Draining a spill takes a while: keep taking the training thread's records meanwhile,
+                    # so its queue does not overflow and drop them (the backlog spills again if need be).
+                    self._drain()
+                self._inflight = self._take_next()
                 if self._inflight is None:
                     return
             if time.monotonic() < self._retry_at:
                 return
-            seq, recs, payload = self._inflight
+            seq, n, payload, source = self._inflight
             self._ensure_channel()
             try:
                 resp = wire.decode_response(self._call(payload, timeout=self.timeout))
@@ -617,27 +745,55 @@ class Reporter:
                 self._last_error = f"{name}: {e.details() if hasattr(e, 'details') else e}"
                 if name in RETRYABLE_CODES:
                     self._retries += 1
-                    self._backoff = min(self.max_backoff, max(0.1, self._backoff * 2))
-                    self._retry_at = time.monotonic() + self._backoff * random.uniform(0.5, 1.0)
+                    delay = retry_after(e) if name == "RESOURCE_EXHAUSTED" else None
+                    if delay is not None:
+                        # The daemon said how long to wait; a little extra jitter keeps the clients it told
+                        # the same thing from all coming back in the same millisecond.
+                        self._retry_at = time.monotonic() + delay * random.uniform(1.0, 1.1)
+                    else:
+                        self._backoff = min(self.max_backoff, max(0.1, self._backoff * 2))
+                        self._retry_at = time.monotonic() + self._backoff * random.uniform(0.5, 1.0)
                     return
                 # The daemon refused the batch as a whole (a bug or a contract mismatch): retrying
                 # cannot help, so it is dropped and counted.
-                with self._lock:
-                    self._rejected += len(recs)
-                self._warn(f"daemon refused batch {seq}: {self._last_error}")
+                self._warn(f"daemon refused a batch of {n} record(s): {self._last_error}")
                 self._inflight = None
+                if source is None or source is self._own_spill():
+                    with self._lock:
+                        self._rejected += n
+                self._consumed(source, n)
                 continue
             self._backoff = 0.0
             self._retry_at = 0.0
             self._inflight = None
             self._batches += 1
             if resp.rejected:
-                with self._lock:
-                    self._rejected += resp.rejected
                 first = resp.rejections[0] if resp.rejections else None
                 if first is not None:
                     self._warn(f"daemon rejected {resp.rejected} record(s); first: {first.field}: {first.reason}")
-            self._sent += len(recs) - resp.rejected
+            if source is None or source is self._own_spill():
+                if resp.rejected:
+                    with self._lock:
+                        self._rejected += resp.rejected
+                self._sent += n - resp.rejected
+            else:
+                # An earlier process's records: not part of this reporter's queued/sent accounting.
+                self._recovered += n - resp.rejected
+            self._consumed(source, n)
+
+    def _own_spill(self) -> Any:
+        return self._spill.own if self._spill is not None else None
+
+    def _consumed(self, source: Any, n: int) -> None:
+        """A spilled batch was answered for good: move its file past it."""
+        if source is None:
+            return
+        try:
+            source.consume(n)
+            if source.frames == 0:
+                self._spill.tidy()
+        except OSError as e:
+            self._last_error = f"spill: {e}"
 
     def _warn(self, msg: str) -> None:
         now = time.monotonic()
@@ -651,7 +807,7 @@ class Reporter:
         while not self._stop.wait(self.heartbeat_interval):
             try:
                 s = self.stats()
-                self.log("heartbeat", self._last_step, {
+                values = {
                     "client_queued_total": s.queued,
                     "client_sent_total": s.sent,
                     "client_dropped_total": s.dropped,
@@ -659,9 +815,49 @@ class Reporter:
                     "client_retries_total": s.retries,
                     "client_invalid_values_total": s.invalid_values,
                     "client_queue_depth": s.queue_depth,
-                })
+                }
+                if self.spill_path:
+                    # Only with a spill directory: the same names on every heartbeat keep them in one block.
+                    values.update({
+                        "client_spilled_total": s.spilled,
+                        "client_spill_bytes": s.spill_bytes,
+                        "client_spill_torn_total": s.spill_torn,
+                        "client_spill_recovered_total": s.recovered,
+                    })
+                self.log("heartbeat", self._last_step, values)
             except Exception:  # noqa: BLE001
                 pass
+
+
+def open_channel(address: str, max_backoff: float = 5.0) -> Any:
+    """The gRPC channel to a daemon: the one place that decides how the client connects (TLS and tokens go here)."""
+    import grpc
+
+    from monitor import wire
+
+    return grpc.insecure_channel(
+        address,
+        options=[
+            # Reconnect quickly after a daemon restart instead of grpc's default of up to 2 minutes.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", int(max_backoff * 1000)),
+            ("grpc.max_send_message_length", 2 * wire.MAX_BATCH_BYTES),
+            ("grpc.enable_retries", 0),
+        ],
+    )
+
+
+def retry_after(err: Any) -> float | None:
+    """Seconds a RESOURCE_EXHAUSTED answer asks the client to wait (its `retry-after-ms` trailer), or None."""
+    try:
+        for key, value in err.trailing_metadata() or ():
+            if key == RETRY_AFTER_KEY:
+                ms = int(value.decode() if isinstance(value, bytes) else value)
+                return min(max(ms, 0) / 1000.0, MAX_RETRY_AFTER)
+    except Exception:  # noqa: BLE001 - a malformed trailer means the ordinary backoff
+        return None
+    return None
 
 
 def _read_field(name: str, v: Any) -> Any:
