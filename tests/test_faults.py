@@ -1,10 +1,15 @@
-"""Faults between a real client and a real `trainguard serve` process: SIGKILL, a long absence, SIGTERM."""
+"""Faults between real clients and a real `trainguard serve` process: SIGKILL (once, and three times under two
+ranks), a long absence with and without a spill, SIGTERM, and a freeze with SIGSTOP."""
 
 from __future__ import annotations
 
 import collections
+import json
+import os
 import signal
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -12,12 +17,13 @@ from typing import Any
 import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from monitor import wire
 from monitor.client.reporter import Reporter
 from monitor.daemon.store import Store
 from monitor.records import Record
-from tests.helpers import DaemonProcess, http_json, http_text, wait_for
+from tests.helpers import ROOT, DaemonProcess, http_json, http_text, wait_for
 
 
 def stored_records(db: Any, run: str) -> list[Record]:
@@ -306,3 +312,207 @@ def test_sigterm_shuts_down_gracefully_and_a_restart_restores_runs_and_alerts(
     # The busy client's queue reaches the new daemon: every step stored exactly once.
     assert rep_b.close(30) is True
     assert train_steps(dp.db, busy_run) == list(range(1, logged[0] + 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# (4) two ranks through three SIGKILLs
+
+
+RANK_SCRIPT = """
+import json, math, sys, time
+from monitor import Reporter
+
+address, run, rank, steps, rate, nan_step, out = sys.argv[1:8]
+rank, steps, rate, nan_step = int(rank), int(steps), float(rate), int(nan_step)
+rep = Reporter(run=run, rank=rank, address=address, batch_size=20, flush_interval=0.02, heartbeat_interval=0.2,
+               timeout=2.0, max_backoff=0.3)
+rep.run_started(world_size=2)
+t0 = time.monotonic()
+for step in range(1, steps + 1):
+    loss = float("nan") if step == nan_step else 2.0 - step * 1e-4
+    rep.log("train", step, {"loss": loss, "grad_norm": 1.0, "lr": 1e-3, "step_time_seconds": 1.0 / rate})
+    # A steady pace, as a training loop has, whatever the daemon is doing.
+    time.sleep(max(0.0, t0 + step / rate - time.monotonic()))
+rep.end("completed", step=steps)
+ok = rep.close(30)
+s = rep.stats()
+with open(out, "w") as f:
+    json.dump({"ok": ok, "queued": s.queued, "sent": s.sent, "dropped": s.dropped, "rejected": s.rejected,
+               "retries": s.retries, "depth": s.queue_depth}, f)
+"""
+
+
+def _rank_process(address: str, run: str, rank: int, steps: int, rate: float, nan_step: int,
+                  out: Any) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINGUARD_") and k != "RANK"}
+    return subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, address, run, str(rank), str(steps), str(rate),
+                             str(nan_step), str(out)], cwd=ROOT, env=env, stderr=subprocess.PIPE)
+
+
+def test_two_ranks_through_three_sigkills_store_each_record_once_and_fire_each_alert_once(
+        daemon_process: DaemonProcess, tmp_path: Any) -> None:
+    dp = daemon_process.start()
+    run, steps, rate, nan_step = "fault-2rank", 1500, 200.0, 260
+    procs = [_rank_process(dp.address, run, r, steps, rate, nan_step if r == 0 else 0, tmp_path / f"rank{r}.json")
+             for r in (0, 1)]
+    try:
+        # The first kill comes right after the NaN's alert fired: the alert and the detectors' state race
+        # the crash, and the restart restores both from what was committed. Two more follow, while both
+        # ranks keep logging.
+        wait_for(lambda: http_json(f"{dp.url}/api/v1/alerts?run={run}")["alerts"], timeout=20, what="NonFinite")
+        for pause in (0.05, 1.2, 1.2):
+            time.sleep(pause)
+            dp.kill()
+            time.sleep(0.3)  # down for a moment, then back on the same db and port
+            dp.start()
+        assert all(p.poll() is None for p in procs), "the ranks finished before the last kill"
+        for p in procs:
+            _, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err.decode(errors="replace")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r in (0, 1):
+        s = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert s["ok"] is True, s
+        assert (s["dropped"], s["rejected"]) == (0, 0), s
+        assert s["retries"] >= 3, s  # each kill was felt
+        assert s["queued"] - s["depth"] == s["sent"], s
+
+    # Every train record of both ranks is in the store exactly once.
+    recs = stored_records(dp.db, run)
+    counts = collections.Counter((r.rank, r.step) for r in recs if r.kind == "train")
+    assert [k for k, c in counts.items() if c != 1] == []
+    assert sorted(counts) == [(r, st) for r in (0, 1) for st in range(1, steps + 1)]
+    assert collections.Counter(r.rank for r in recs if r.kind == "end") == {0: 1, 1: 1}
+    summary = runs_by_name(dp.url)[run]
+    assert summary["last_step"] == steps
+    assert summary["status"] == "completed"
+
+    # One NaN, one alert, through every restart; and no alert of any name fired twice.
+    alerts = http_json(f"{dp.url}/api/v1/alerts?run={run}&state=all")["alerts"]
+    names = collections.Counter(a["name"] for a in alerts)
+    assert names["NonFinite"] == 1, json.dumps(alerts, indent=1)
+    assert [n for n, c in names.items() if c > 1] == [], alerts
+    nf = next(a for a in alerts if a["name"] == "NonFinite")
+    assert nf["step"] == nan_step
+    assert f'trainguard_alerts_fired_total{{alert="NonFinite",run="{run}"}} 1.0' in http_text(dp.url + "/metrics")
+
+
+# ---------------------------------------------------------------------------------------------
+# (5) absent for longer than the memory queue covers: with a spill nothing is lost, without one every drop is counted
+
+
+def _client_metric(url: str, name: str, run: str, rank: str = "0") -> float | None:
+    """One trainguard_client_* sample of a run's rank from /metrics."""
+    for fam in text_string_to_metric_families(http_text(url + "/metrics")):
+        for smp in fam.samples:
+            if smp.name == name and smp.labels == {"run": run, "rank": rank}:
+                return smp.value
+    return None
+
+
+def _log_bursts(rep: Reporter, n: int) -> None:
+    """n train records in bursts of 10 (well inside max_queue), a few milliseconds apart, as steps would come."""
+    for step in range(1, n + 1):
+        rep.log("train", step, {"loss": 1.0 / step, "grad_norm": 1.0})
+        if step % 10 == 0:
+            time.sleep(0.003)
+
+
+def test_absent_longer_than_the_queue_spill_loses_nothing_and_without_it_drops_are_counted_exactly(
+        daemon_process: DaemonProcess, reporters: list[Reporter], tmp_path: Any) -> None:
+    dp = daemon_process  # not started yet
+    n, max_queue = 3000, 100
+    common = dict(address=dp.address, max_queue=max_queue, batch_size=25, flush_interval=0.02,
+                  heartbeat_interval=0.2, timeout=2.0, max_backoff=0.3)
+    spilling = Reporter(run="fault-spill", spill_path=str(tmp_path / "spill"), **common)  # type: ignore[arg-type]
+    dropping = Reporter(run="fault-nospill", **common)  # type: ignore[arg-type]
+    reporters.extend([spilling, dropping])
+    both = [threading.Thread(target=_log_bursts, args=(rep, n)) for rep in (spilling, dropping)]
+    for th in both:
+        th.start()
+    for th in both:
+        th.join()
+    wait_for(lambda: invariant_holds(dropping) and dropping.stats().queue_depth <= max_queue, timeout=5,
+             what="the sender to trim its backlog")
+    wait_for(lambda: spilling.stats().spilled >= n - max_queue, timeout=5, what="the spill to take the backlog")
+    s, d = spilling.stats(), dropping.stats()
+    assert (s.sent, s.dropped, d.sent) == (0, 0, 0)
+    assert s.queue_depth == s.queued  # all held, most on disk
+    assert d.dropped >= n - max_queue  # the queue covered max_queue records, no more
+
+    dp.start()
+    assert spilling.flush(30) is True and dropping.flush(30) is True
+    s, d = spilling.stats(), dropping.stats()
+
+    # With the spill: every train record, in the order logged, once.
+    recs = stored_records(dp.db, "fault-spill")
+    assert [r.step for r in recs if r.kind == "train"] == list(range(1, n + 1))
+    assert (s.dropped, s.rejected, s.queue_depth, s.spill_bytes) == (0, 0, 0, 0)
+    assert len(recs) == s.sent == s.queued
+    assert list((tmp_path / "spill").iterdir()) == []
+
+    # Without: what arrived plus what was counted as dropped is exactly what was logged, heartbeats included.
+    recs = stored_records(dp.db, "fault-nospill")
+    steps = [r.step for r in recs if r.kind == "train"]
+    assert len(steps) == len(set(steps))
+    assert (d.rejected, d.queue_depth) == (0, 0)
+    assert len(recs) == d.sent == d.queued - d.dropped
+    assert steps[-1] == n
+    # ... and the daemon was told the exact figure.
+    wait_for(lambda: _client_metric(dp.url, "trainguard_client_dropped_records_total", "fault-nospill") == d.dropped,
+             timeout=5, what="the dropped count to reach /metrics")
+
+
+# ---------------------------------------------------------------------------------------------
+# (6) a network cut: the daemon frozen with SIGSTOP, then SIGCONT
+
+
+def test_a_frozen_daemon_delays_records_but_loses_none(daemon_process: DaemonProcess,
+                                                       reporters: list[Reporter]) -> None:
+    dp = daemon_process.start()
+    run, rate, frozen_for = "fault-sigstop", 500.0, 3.0
+    rep = Reporter(run=run, address=dp.address, batch_size=50, flush_interval=0.02, heartbeat_interval=0.2,
+                   timeout=1.0, max_backoff=0.3)
+    reporters.append(rep)
+    stop = threading.Event()
+    logged = [0]
+
+    def train() -> None:
+        t0 = time.monotonic()
+        while not stop.is_set():
+            logged[0] += 1
+            rep.log("train", logged[0], {"loss": 1.0, "grad_norm": 1.0})
+            time.sleep(max(0.0, t0 + logged[0] / rate - time.monotonic()))
+
+    th = threading.Thread(target=train)
+    th.start()
+    try:
+        wait_for(lambda: rep.stats().sent > 200, timeout=10, what="records to flow")
+        assert dp.proc is not None
+        dp.proc.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(frozen_for)
+            during = rep.stats()
+        finally:
+            dp.proc.send_signal(signal.SIGCONT)
+        # Nothing was acknowledged while it was frozen beyond what was in flight as it stopped.
+        assert during.retries >= 1
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        th.join()
+    assert rep.flush(30) is True
+    s = rep.stats()
+    assert (s.dropped, s.rejected, s.queue_depth) == (0, 0, 0)
+    assert s.sent == s.queued
+    # The batch on the wire when it froze ran past its deadline and went again, under its sequence
+    # number: had the thawed daemon also handled the first copy, it would have been a duplicate.
+    assert train_steps(dp.db, run) == list(range(1, logged[0] + 1))
+    assert len(stored_records(dp.db, run)) == s.sent
+    assert logged[0] >= rate * frozen_for
+    dups = [ln for ln in http_text(dp.url + "/metrics").splitlines()
+            if ln.startswith("trainguard_ingest_duplicate_batches_total")]
+    print(f"frozen {frozen_for:.0f} s: {logged[0]} steps, {s.retries} retries, {dups}")
