@@ -34,6 +34,8 @@ REPORT_METHOD = f"/{SERVICE}/Report"
 MAX_BATCH_BYTES = 4 * 1024 * 1024  # the contract: a batch is at most 4 MiB
 MAX_REJECTIONS_REPORTED = 16
 MAX_INCARNATION_CHARS = 64
+# Sequence numbers are stored as SQLite integers, which are signed 64-bit: 2^63 and above cannot be kept.
+MAX_SEQUENCE = (1 << 63) - 1
 
 ReportRequest = pb.ReportRequest
 ReportResponse = pb.ReportResponse
@@ -55,6 +57,7 @@ class Rejection:
     index: int
     field: str
     reason: str
+    limit: str | None = None  # the daemon setting that refused it, when a configurable limit did
 
 
 @dataclass
@@ -336,6 +339,8 @@ def _decode_record(r: Any, i: int, batch_rank: int, run: str, lenient: bool) -> 
                 meta = json.loads(meta_json)
             except ValueError as e:
                 raise InvalidRecord(prefix + "meta_json", f"not valid JSON ({e})") from None
+            except RecursionError:
+                raise InvalidRecord(prefix + "meta_json", "JSON nested too deeply") from None
             if not isinstance(meta, dict):
                 raise InvalidRecord(prefix + "meta_json", "must be a JSON object")
             rec.meta = meta
@@ -518,10 +523,25 @@ def _assemble(loose: list[tuple[int, Record]], blocks: list[tuple[int, list[Any]
     return [x for _, _, parts in placed for x in parts]
 
 
-def decode_batch(data: bytes, max_bytes: int = MAX_BATCH_BYTES) -> Batch:
-    """Parse and validate one batch; raise InvalidBatch if the batch as a whole is unusable."""
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):g} MiB"
+
+
+def _check_count(n: int, max_records: int | None) -> None:
+    if max_records is not None and n > max_records:
+        raise InvalidBatch("records", f"{n} records in one batch, the limit is {max_records} "
+                                      "(max_records_per_batch); send smaller batches")
+
+
+def decode_batch(data: bytes, max_bytes: int = MAX_BATCH_BYTES, max_records: int | None = None) -> Batch:
+    """Parse and validate one batch; raise InvalidBatch if the batch as a whole is unusable.
+
+    `max_records` bounds the records of one batch (blocks count each record they stand for); it is
+    checked before any record is decoded, so an oversized batch costs no more than its header.
+    """
     if len(data) > max_bytes:
-        raise InvalidBatch("batch", f"{len(data)} bytes, the limit is {max_bytes} bytes (4 MiB); send smaller batches")
+        raise InvalidBatch("batch", f"{len(data)} bytes, the limit is {max_bytes} bytes ({_mib(max_bytes)}); "
+                                    "send smaller batches")
     # The common case, fast: a well-formed batch with a good header. Records in a learnt layout
     # are decoded straight from their bytes, others are parsed one at a time. Anything unusual
     # (not protobuf, text that is not UTF-8, a bad header) goes the full way, which gives the same
@@ -529,7 +549,7 @@ def decode_batch(data: bytes, max_bytes: int = MAX_BATCH_BYTES) -> Batch:
     try:
         req = _RawRequest.FromString(data)
     except DecodeError:
-        return _decode_batch_full(data)
+        return _decode_batch_full(data, max_records)
     run = req.run
     rank = req.rank
     incarnation = req.incarnation
@@ -537,11 +557,14 @@ def decode_batch(data: bytes, max_bytes: int = MAX_BATCH_BYTES) -> Batch:
     try:
         check_run_id(run)
     except InvalidRecord:
-        return _decode_batch_full(data)
-    if rank >= MAX_RANK or not incarnation or len(incarnation) > MAX_INCARNATION_CHARS or sequence == 0:
-        return _decode_batch_full(data)
+        return _decode_batch_full(data, max_records)
+    if rank >= MAX_RANK or not incarnation or len(incarnation) > MAX_INCARNATION_CHARS or sequence == 0 \
+            or sequence > MAX_SEQUENCE:
+        return _decode_batch_full(data, max_records)
     raws = req.records
     blocks = req.blocks
+    if max_records is not None:
+        _check_count(len(raws) + sum(len(b.steps) for b in blocks), max_records)
     positions = _layout(blocks, len(raws)) if blocks else None
     records: list[Record] = []
     rejections: list[Rejection] = []
@@ -576,7 +599,7 @@ def decode_batch(data: bytes, max_bytes: int = MAX_BATCH_BYTES) -> Batch:
             try:
                 r = pb.Record.FromString(raw)
             except DecodeError:
-                return _decode_batch_full(data)
+                return _decode_batch_full(data, max_records)
             try:
                 rec = _decode_record(r, i, rank, run, False)
             except InvalidRecord as e:
@@ -609,7 +632,7 @@ def _with_blocks(req: Any, run: str, rank: int, incarnation: str, sequence: int,
     return Batch(run, rank, incarnation, sequence, client, parts, rejections, total, lenient)
 
 
-def _decode_batch_full(data: bytes) -> Batch:
+def _decode_batch_full(data: bytes, max_records: int | None = None) -> Batch:
     """decode_batch for any input: the whole message parsed at once, with the lenient fallback."""
     lenient = False
     try:
@@ -633,6 +656,9 @@ def _decode_batch_full(data: bytes) -> Batch:
         raise InvalidBatch("incarnation", f"must be 1-{MAX_INCARNATION_CHARS} characters, got {len(incarnation)}")
     if req.sequence == 0:
         raise InvalidBatch("sequence", "must be >= 1")
+    if req.sequence > MAX_SEQUENCE:
+        raise InvalidBatch("sequence", f"must be < 2^63 (the store keeps signed 64-bit integers), got {req.sequence}")
+    _check_count(len(req.records) + sum(len(b.steps) for b in req.blocks), max_records)
     client = _header_text(req.client, "client")[:128]
     positions = _layout(req.blocks, len(req.records)) if req.blocks else None
     records: list[Record] = []

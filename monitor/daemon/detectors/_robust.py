@@ -135,7 +135,8 @@ class RollingMedian:
         """Refill from `state()` output, keeping only finite numbers and the newest `size` of them."""
         self.clear()
         kept = []
-        for v in values or ():
+        # A damaged store can hold anything where a list was saved: anything else restores nothing.
+        for v in values if isinstance(values, (list, tuple)) else ():
             try:
                 f = float(v)
             except (TypeError, ValueError):
@@ -210,7 +211,7 @@ class Cusum:
 
     def restore(self, state: Mapping[str, Any] | None) -> None:
         """Take back `state()` output."""
-        state = state or {}
+        state = state if isinstance(state, Mapping) else {}
         s = _finite(state.get("s"), 0.0)
         self.s = s if s > 0.0 else 0.0
         self.run = int(_finite(state.get("run"), 0.0))
@@ -265,7 +266,7 @@ class Ewma:
 
     def restore(self, state: Mapping[str, Any] | None) -> None:
         """Take back `state()` output."""
-        state = state or {}
+        state = state if isinstance(state, Mapping) else {}
         self.value = _finite(state.get("value"), math.nan)
         self.n = int(_finite(state.get("n"), 0.0)) if math.isfinite(self.value) else 0
 
