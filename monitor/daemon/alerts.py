@@ -33,6 +33,9 @@ RULE_KEYS = ("for_steps", "for_seconds", "keep_firing_for_steps", "keep_firing_f
 _RUN_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
 MAX_COMMENT = 1024
 MAX_CREATED_BY = 128
+# Who created a silence: a user or service name (user, user@host, DOMAIN\user, "ci bot"), never markup or
+# control characters, since it is shown in logs, terminals and dashboards.
+_CREATED_BY = re.compile(r"[\w .@+:/\\-]*\Z")
 MAX_SILENCE_SECONDS = 90 * 86400.0  # a silence longer than a quarter is a disabled detector: say so in config
 _SEVERITY_ORDER = {"info": 1, "warning": 2, "critical": 3}
 
@@ -215,15 +218,23 @@ class Silence:
 class Silences:
     """The silences, kept in memory and in the store so that they survive a restart."""
 
-    def __init__(self, store: Any, alert_names: Iterable[str] = ()):
+    def __init__(self, store: Any, alert_names: Iterable[str] = (), max_silences: int = 1000):
         self.store = store
         self.alert_names = frozenset(alert_names)
+        self.max_silences = max_silences
         self._lock = threading.Lock()
         self._by_id: dict[int, Silence] = {}
         for row in store.load_silences():
             s = Silence(**row)
             self._by_id[s.id] = s
         self._ids = itertools.count(store.max_silence_id() + 1)
+        self._prune(time.time())
+
+    def _prune(self, now: float) -> None:
+        """Keep at most max_silences ended silences in memory, the newest (the store keeps them all)."""
+        ended = sorted((s.id for s in self._by_id.values() if s.ends_at <= now))
+        for sid in ended[:max(0, len(ended) - self.max_silences)]:
+            del self._by_id[sid]
 
     def create(self, body: Mapping[str, Any], now: float | None = None) -> Silence:
         """Validate a request ({run, alert, duration_seconds | ends_at, comment, created_by}) and store it."""
@@ -234,6 +245,9 @@ class Silences:
         if unknown:
             raise SilenceError(f"{sorted(unknown)[0]}: unknown field; known: run, alert, duration_seconds, ends_at, "
                                "comment, created_by")
+        if "run" not in body and "alert" not in body:
+            raise SilenceError("run: missing; name the run (or \"*\" for every run) and/or the alert (or \"*\"): "
+                               "a silence of everything must say so")
         run = body.get("run", "*")
         if not isinstance(run, str) or not (run == "*" or _RUN_ID.match(run)):
             raise SilenceError(f"run: must be a run id (1-128 characters of [A-Za-z0-9._:/-]) or \"*\", got {run!r}")
@@ -242,7 +256,9 @@ class Silences:
             raise SilenceError(f"alert: must be an alert name or \"*\", got {alert!r}; known: "
                                f"{', '.join(sorted(self.alert_names))}")
         has_d, has_e = body.get("duration_seconds") is not None, body.get("ends_at") is not None
-        if has_d == has_e:
+        if not has_d and not has_e:
+            raise SilenceError("duration_seconds: missing; give either duration_seconds or ends_at (Unix seconds)")
+        if has_d and has_e:
             raise SilenceError("duration_seconds: give either duration_seconds or ends_at (Unix seconds), not both")
         if has_d:
             d = body["duration_seconds"]
@@ -263,9 +279,15 @@ class Silences:
         if not isinstance(comment, str) or len(comment) > MAX_COMMENT:
             raise SilenceError(f"comment: must be text of at most {MAX_COMMENT} characters")
         by = body.get("created_by", "")
-        if not isinstance(by, str) or len(by) > MAX_CREATED_BY:
-            raise SilenceError(f"created_by: must be text of at most {MAX_CREATED_BY} characters")
+        if not isinstance(by, str) or len(by) > MAX_CREATED_BY or not _CREATED_BY.match(by):
+            raise SilenceError(f"created_by: must be a name of at most {MAX_CREATED_BY} letters, digits, spaces "
+                               "and . @ + : / \\ - _")
         with self._lock:
+            live = sum(1 for x in self._by_id.values() if x.ends_at > now)
+            if live >= self.max_silences:
+                raise SilenceError(f"silences: {live} silences are in force or waiting to start, the limit is "
+                                   f"{self.max_silences} (max_silences); end some first")
+            self._prune(now)
             s = Silence(next(self._ids), run, alert, now, ends, comment, by, now)
             self._by_id[s.id] = s
             self.store.put_silence(s.to_dict())
