@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import socket
+import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,10 +23,11 @@ from monitor.daemon.collector import DaemonCollector
 from monitor.daemon.detectors import ALERT_SEVERITIES, check_config
 from monitor.daemon.http import HttpServer, make_registry
 from monitor.daemon.ingest import Ingest
+from monitor.daemon.limits import Limits
 from monitor.daemon.notifiers import AlertmanagerNotifier, LogNotifier, QueuedNotifier, WebhookNotifier, check_url
 from monitor.daemon.server import TelemetryServicer
-from monitor.daemon.state import Registry
-from monitor.daemon.store import Store
+from monitor.daemon.state import Registry, RunState
+from monitor.daemon.store import Store, StoreCorrupt, StoreError, is_corruption
 
 log = logging.getLogger("trainguard.daemon")
 
@@ -65,23 +68,57 @@ class DaemonConfig:
     shutdown_notify_timeout: float = 5.0  # seconds to deliver queued notifications at shutdown
     alerts: dict[str, Any] = field(default_factory=dict)  # [alerts] lifecycle settings, see alerts.AlertRules
     detectors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Limits on what clients may cost the daemon (limits.Limits; docs/limits.md gives each default and why).
+    max_message_bytes: int = Limits.max_message_bytes
+    max_records_per_batch: int = Limits.max_records_per_batch
+    max_values_per_record: int = Limits.max_values_per_record
+    max_name_chars: int = Limits.max_name_chars
+    max_run_id_chars: int = Limits.max_run_id_chars
+    max_suite_chars: int = Limits.max_suite_chars
+    max_live_runs: int = Limits.max_live_runs
+    max_ranks_per_run: int = Limits.max_ranks_per_run
+    max_live_ranks: int = Limits.max_live_ranks
+    max_series_per_rank: int = Limits.max_series_per_rank
+    max_future_skew_seconds: float = Limits.max_future_skew_seconds
+    max_step_jump: int = Limits.max_step_jump
+    max_steps_per_second: float = Limits.max_steps_per_second
+    rate_limit_records_per_second: float = Limits.rate_limit_records_per_second
+    rate_limit_burst_records: int = Limits.rate_limit_burst_records
+    max_silences: int = 1000  # silences in force or waiting to start
+    # HTTP: connections waiting to be accepted, seconds a client has to send its request (and for each
+    # write to it), and connections served at once (one thread each; more wait in the backlog).
+    http_backlog: int = 1024
+    http_timeout_seconds: float = 10.0
+    http_max_connections: int = 64
+    # Seconds one store transaction may take before health reports the store stuck (a lock, a stalled disk).
+    store_stall_seconds: float = 10.0
+    commit_timeout: float = 30.0  # seconds a batch waits for its commit before the client is told to resend
 
     def validate(self) -> "DaemonConfig":
         """Check every setting; raise ConfigError naming the first bad one."""
+        for name in ("host", "db"):
+            v = getattr(self, name)
+            if not isinstance(v, str):
+                raise ConfigError(f"{name}: expected a string, got {v!r}")
         for name in ("grpc_port", "http_port"):
             v = getattr(self, name)
             if not isinstance(v, int) or not 0 <= v <= 65535:
                 raise ConfigError(f"{name}: must be a port number 0-65535 (0 picks a free one), got {v!r}")
-        for name in ("grpc_workers", "window", "restore_batches", "notify_queue_size", "notify_max_attempts"):
+        for name in ("grpc_workers", "window", "restore_batches", "notify_queue_size", "notify_max_attempts",
+                     "max_silences", "http_backlog", "http_max_connections"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name}: must be an integer >= 1, got {v!r}")
         for name in ("rank_silent_after", "expire_finished_after", "expire_silent_after", "janitor_interval",
                      "shutdown_grace", "notify_resend_interval", "notify_timeout", "notify_backoff",
-                     "alert_eval_interval", "shutdown_notify_timeout"):
+                     "alert_eval_interval", "shutdown_notify_timeout", "http_timeout_seconds",
+                     "store_stall_seconds", "commit_timeout"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
                 raise ConfigError(f"{name}: must be a positive number of seconds, got {v!r}")
+        problem = Limits.check({name: getattr(self, name) for name in Limits.names()})
+        if problem is not None:
+            raise ConfigError(problem)
         for name in ("alertmanager_urls", "webhook_urls"):
             v = getattr(self, name)
             if not isinstance(v, (list, tuple)):
@@ -112,6 +149,10 @@ class DaemonConfig:
             raise ConfigError(str(e)) from None
         return self
 
+    def limits(self) -> Limits:
+        """The limits on what clients may cost the daemon, from their [daemon] settings."""
+        return Limits(**{name: getattr(self, name) for name in Limits.names()})
+
     def alert_rules(self) -> AlertRules:
         """The lifecycle settings of every alert, from the [alerts] table."""
         if not isinstance(self.alerts, Mapping):
@@ -122,12 +163,17 @@ class DaemonConfig:
     def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> "DaemonConfig":
         """Build from a parsed config file; unknown keys are an error, not a silent typo."""
         known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: expected a table of settings, got {type(data).__name__}")
+        if "daemon" in data and not isinstance(data["daemon"], Mapping):
+            raise ConfigError(f"{source}: daemon: expected a table ([daemon]), got {data['daemon']!r}")
         section = data.get("daemon", data) if isinstance(data.get("daemon"), Mapping) else data
         extra = set(section) - known - {"daemon"}
         if section is not data:  # beside [daemon], only [alerts] and [detectors] belong at the top level
             extra |= set(data) - {"daemon", "alerts", "detectors"}
         if extra:
-            raise ConfigError(f"{source}: unknown setting(s) {', '.join(sorted(extra))}; known: {', '.join(sorted(known))}")
+            raise ConfigError(f"{source}: unknown setting(s) {', '.join(sorted(map(str, extra)))}; "
+                              f"known: {', '.join(sorted(known))}")
         kwargs = {k: v for k, v in section.items() if k in known}
         for table in ("alerts", "detectors"):
             if table in data and table not in kwargs:
@@ -148,6 +194,10 @@ def load_config_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config: cannot read {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"--config: {path} is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config: {path} is not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise ConfigError(f"--config: {path} nests tables or arrays too deeply") from None
 
 
 class Daemon:
@@ -156,16 +206,24 @@ class Daemon:
     def __init__(self, config: DaemonConfig):
         self.config = config.validate()
         db_dir = os.path.dirname(os.path.abspath(config.db))
-        os.makedirs(db_dir, exist_ok=True)
-        self.store = Store(config.db)
+        try:
+            os.makedirs(db_dir, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"db: cannot create the directory {db_dir} ({e.strerror})") from None
+        self.store = Store(config.db, stall_after=config.store_stall_seconds)
         self.registry = Registry(window_cap=config.window)
         self.notifiers: list[QueuedNotifier] = self._build_notifiers()
-        self.silences = Silences(self.store, ALERT_SEVERITIES)
+        with _reading_store(config.db):
+            self.silences = Silences(self.store, ALERT_SEVERITIES, max_silences=config.max_silences)
         self.alerts = AlertManager(self.store, [LogNotifier(), *self.notifiers], runbook_url=config.runbook_url,
                                    rules=config.alert_rules(), silences=self.silences)
-        self.ingest = Ingest(self.registry, self.store, self.alerts, config.detectors)
+        self.limits = config.limits()
+        self.ingest = Ingest(self.registry, self.store, self.alerts, config.detectors, config.commit_timeout,
+                             limits=self.limits, make_room=self._make_room)
         self.runs_expired = 0
         self.serving = False
+        self._healthy: tuple[bool, str] = (True, "ok")
+        self._health_thread: threading.Thread | None = None
         self.metrics_registry = make_registry(DaemonCollector(self))
         self._grpc: grpc.Server | None = None
         self._health: health.HealthServicer | None = None
@@ -194,19 +252,26 @@ class Daemon:
         c = self.config
         self.store.start()
         t0 = time.monotonic()
-        n = self.ingest.restore(c.restore_batches)
+        try:
+            with _reading_store(c.db):
+                n = self.ingest.restore(c.restore_batches)
+        except BaseException:
+            self.store.close(1.0)
+            raise
         if n:
             log.info("restored %d live run(s) from %s in %.2fs", n, c.db, time.monotonic() - t0)
         self._grpc = grpc.server(
             ThreadPoolExecutor(max_workers=c.grpc_workers, thread_name_prefix="trainguard-grpc"),
             options=[
-                # Accept up to 4x the contract's 4 MiB so an oversized batch gets a clear error from us.
-                ("grpc.max_receive_message_length", 4 * wire.MAX_BATCH_BYTES),
+                # Read messages up to twice max_message_bytes, so that a batch over the limit gets our
+                # refusal naming it (and is counted); gRPC refuses larger ones itself, which the
+                # servicer still counts.
+                ("grpc.max_receive_message_length", self.limits.grpc_receive_bytes),
                 # Never share the port with another daemon that happens to be bound there.
                 ("grpc.so_reuseport", 0),
             ],
         )
-        self._grpc.add_generic_rpc_handlers((TelemetryServicer(self.ingest).handler(),))
+        self._grpc.add_generic_rpc_handlers((TelemetryServicer(self.ingest, self.limits).handler(),))
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         try:
@@ -214,7 +279,8 @@ class Daemon:
         except RuntimeError as e:
             raise ConfigError(f"grpc_port: cannot listen on {c.host}:{c.grpc_port} ({e})") from None
         try:
-            self._http = HttpServer(self, c.host, c.http_port)
+            self._http = HttpServer(self, c.host, c.http_port, backlog=c.http_backlog,
+                                    timeout=c.http_timeout_seconds, max_connections=c.http_max_connections)
         except OSError as e:
             self._grpc.stop(0)
             raise ConfigError(f"http_port: cannot listen on {c.host}:{c.http_port} ({e.strerror})") from None
@@ -233,7 +299,41 @@ class Daemon:
         self._janitor.start()
         self._evaluator = threading.Thread(target=self._evaluate_loop, name="trainguard-alerts", daemon=True)
         self._evaluator.start()
+        self._health_thread = threading.Thread(target=self._health_loop, name="trainguard-health", daemon=True)
+        self._health_thread.start()
         return self
+
+    # -- health ------------------------------------------------------------------------------------
+
+    def health(self) -> tuple[bool, str]:
+        """(healthy, why not): serving, and the store takes writes (what is acknowledged must be stored)."""
+        if not self.serving:
+            return False, "shutting down"
+        return self.store.health()
+
+    def _health_loop(self) -> None:
+        # gRPC health is a table others read (and Watch streams follow), so it is kept up to date here;
+        # /healthz asks health() itself.
+        while not self._stop.wait(0.25):
+            try:
+                self._update_health()
+            except Exception:  # noqa: BLE001
+                log.exception("health check failed")
+
+    def _update_health(self) -> None:
+        ok, why = self.health()
+        was_ok = self._healthy[0]
+        self._healthy = (ok, why)
+        if ok == was_ok or not self.serving:
+            return
+        if ok:
+            log.warning("healthy again: the store takes writes")
+        else:
+            log.error("unhealthy: %s", why)
+        if self._health is not None:
+            status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+            for svc in ("", wire.SERVICE):
+                self._health.set(svc, status)
 
     @property
     def grpc_address(self) -> str:
@@ -273,7 +373,7 @@ class Daemon:
         if self._grpc is not None:
             self._grpc.stop(grace).wait(grace + 1.0)
         self._stop.set()
-        for t in (self._janitor, self._evaluator):
+        for t in (self._janitor, self._evaluator, self._health_thread):
             if t is not None:
                 t.join(2.0)
         self._save_runs()
@@ -360,13 +460,58 @@ class Daemon:
                 ttl = c.expire_finished_after if st.run_status else c.expire_silent_after
                 if idle < ttl:
                     continue
-                summary = self.ingest.snapshot_run(st)
-            summary["expired"] = True
-            self.alerts.resolve_run(st.run, st.clock, "run expired")
-            self.store.put_run(summary)
-            self.registry.remove(st.run)
-            self.alerts.forget_run(st.run)
-            self.runs_expired += 1
+            self._forget(st)
             gone.append(st.run)
             log.info("run %s expired after %.0fs without records", st.run, idle)
         return gone
+
+    def _forget(self, st: RunState) -> None:
+        """Resolve a run's alerts, store its summary as expired and drop it from memory."""
+        summary = self.ingest.snapshot_run(st)
+        summary["expired"] = True
+        self.alerts.resolve_run(st.run, st.clock, "run expired")
+        self.store.put_run(summary)
+        self.registry.remove(st.run)
+        self.alerts.forget_run(st.run)
+        self.runs_expired += 1
+
+    def _make_room(self) -> bool:
+        """At max_live_runs: forget the finished run that has been quiet longest, early; True if there was one.
+
+        A finished run stays live only so that its last values and alerts can still be read; a new
+        run that is sending now matters more, and the store keeps the finished one.
+        """
+        finished = [st for st in self.registry.snapshot() if st.run_status]
+        if not finished:
+            return False
+        st = min(finished, key=lambda s: s.last_recv)
+        self._forget(st)
+        log.info("run %s forgotten early to make room for a new run (max_live_runs %d)", st.run,
+                 self.config.max_live_runs)
+        return True
+
+
+@contextlib.contextmanager
+def _reading_store(path: str) -> Iterator[None]:
+    """Turn an sqlite3 error while reading the store at start-up into a one-line StoreError naming the file."""
+    try:
+        yield
+    except sqlite3.DatabaseError as e:
+        if is_corruption(e):
+            raise StoreCorrupt(path, str(e)) from None
+        raise StoreError(f"{path}: cannot read the database ({e})") from None
+
+
+def move_aside(path: str, now: float | None = None) -> str:
+    """Rename a database (and its -wal and -shm files) to <path>.corrupt-<timestamp>; return the new name."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(now))
+    dest = f"{path}.corrupt-{stamp}"
+    n = 1
+    while os.path.exists(dest):
+        n += 1
+        dest = f"{path}.corrupt-{stamp}-{n}"
+    os.replace(path, dest)
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.replace(path + suffix, dest + suffix)
+    return dest

@@ -181,51 +181,74 @@ class DaemonCollector:
             g.add_metric([], silences.active_count())
             yield g
 
-        ing = d.ingest
+        ing = d.ingest.counters()
         c = CounterMetricFamily("trainguard_ingest_batches", "Batches applied (resends not counted).")
-        c.add_metric([], ing.batches)
+        c.add_metric([], ing["batches"])
         yield c
         c = CounterMetricFamily("trainguard_ingest_duplicate_batches", "Resent batches recognised and not applied.")
-        c.add_metric([], ing.duplicates)
+        c.add_metric([], ing["duplicates"])
         yield c
         c = CounterMetricFamily("trainguard_ingest_records", "Records applied, by kind.", labels=["kind"])
-        for kind, n in sorted(ing.records_by_kind.items()):
+        for kind, n in sorted(ing["records_by_kind"].items()):
             c.add_metric([kind], n)
         yield c
         c = CounterMetricFamily("trainguard_ingest_rejected_records", "Records refused, by the field at fault.",
                                 labels=["field"])
-        for f, n in sorted(ing.rejected_records.items()):
+        for f, n in sorted(ing["rejected_records"].items()):
             c.add_metric([f], n)
         yield c
         c = CounterMetricFamily("trainguard_ingest_rejected_batches", "Whole batches refused, by the field at fault.",
                                 labels=["field"])
-        for f, n in sorted(ing.rejected_batches.items()):
+        for f, n in sorted(ing["rejected_batches"].items()):
+            c.add_metric([f], n)
+        yield c
+        c = CounterMetricFamily("trainguard_ingest_rejected_by_limit", "Refusals caused by a configured limit, by "
+                                "its setting: one per record for per-record limits, one per batch for the others "
+                                "(rate_limit_records_per_second and max_live_runs batches are sent again).",
+                                labels=["limit"])
+        for f, n in sorted(ing["rejected_by_limit"].items()):
             c.add_metric([f], n)
         yield c
         c = CounterMetricFamily("trainguard_ingest_errors", "Batches that failed inside the daemon (store errors).")
-        c.add_metric([], ing.errors)
+        c.add_metric([], ing["errors"])
         yield c
         c = CounterMetricFamily("trainguard_detector_errors", "Exceptions raised by detectors.", labels=["detector"])
-        for det, n in sorted(ing.detector_errors.items()):
+        for det, n in sorted(ing["detector_errors"].items()):
             c.add_metric([det], n)
         yield c
 
-        s = d.store.stats
+        s = d.store.stats_now()
         for name, help_, v in (
             ("trainguard_store_batches_written", "Batches committed to SQLite.", s.batches_written),
             ("trainguard_store_records_written", "Records committed to SQLite.", s.records_written),
             ("trainguard_store_bytes_written", "Compressed batch bytes committed.", s.bytes_written),
             ("trainguard_store_commits", "SQLite transactions committed.", s.commits),
             ("trainguard_store_write_errors", "Failed SQLite transactions.", s.write_errors),
+            ("trainguard_store_failed_batches", "Batches that could not be committed; their clients were told "
+             "to send them again.", s.failed_batches),
+            ("trainguard_store_dropped_writes", "Run summaries, alerts and silences that could not be stored and "
+             "were given up.", s.dropped_writes),
             ("trainguard_store_commit_seconds", "Time spent in SQLite transactions, committed or failed (rate: the "
              "writer's busy fraction; over commits: the mean commit time).", s.commit_seconds),
         ):
             c = CounterMetricFamily(name, help_)
             c.add_metric([], v)
             yield c
-        g = GaugeMetricFamily("trainguard_store_queue_depth", "Writes waiting for the store thread.")
+        g = GaugeMetricFamily("trainguard_store_queue_depth", "Writes waiting for the store: queued, in the open "
+                              "transaction, and kept to be written again after a failure.")
         g.add_metric([], s.queue_depth)
         yield g
+        ok, _why = d.store.health()
+        g = GaugeMetricFamily("trainguard_store_healthy", "1 while the store takes writes; 0 while its writer "
+                              "fails, is stuck or has stopped (the daemon then acknowledges nothing new).")
+        g.add_metric([], 1 if ok else 0)
+        yield g
+        http = getattr(d, "_http", None)
+        if http is not None:
+            c = CounterMetricFamily("trainguard_http_timeouts", "HTTP connections cut off because their request "
+                                    "did not arrive within http_timeout_seconds.")
+            c.add_metric([], http.timeouts)
+            yield c
         g = GaugeMetricFamily("trainguard_runs", "Live runs.")
         g.add_metric([], len(d.registry.runs))
         yield g

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import selectors
+import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -99,6 +102,20 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:  # noqa: N802
         self.do_GET()
 
+    # A client has http_timeout_seconds to send each request, however slowly its bytes trickle in
+    # (the socket timeout alone restarts with every byte); the server's reaper cuts it off after that.
+    def handle_one_request(self) -> None:
+        self.server.reading(self.connection, True)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.reading(self.connection, False)
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        self.server.reading(self.connection, False)
+        return ok
+
     def _body(self) -> Any:
         """The request's JSON body (ApiError 400/413 when it is missing, too big or not JSON)."""
         try:
@@ -112,13 +129,19 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self.close_connection = True
             raise ApiError(413, f"body: at most {MAX_BODY} bytes, got {n}")
-        raw = self.rfile.read(n) if n > 0 else b""
+        self.server.reading(self.connection, True)
+        try:
+            raw = self.rfile.read(n) if n > 0 else b""
+        finally:
+            self.server.reading(self.connection, False)
         if not raw:
             raise ApiError(400, "body: expected a JSON object")
         try:
             return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ApiError(400, f"body: not valid JSON ({e})") from None
+        except RecursionError:
+            raise ApiError(400, "body: JSON nested too deeply; expected a flat object") from None
 
     def _silence_id(self, path: str) -> int:
         raw = unquote(path[len("/api/v1/silences/"):])
@@ -187,10 +210,14 @@ class _Handler(BaseHTTPRequestHandler):
             if path == "/metrics":
                 self._send(200, generate_latest(d.metrics_registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
-                if d.serving:
+                ok, why = d.health()
+                if ok:
                     self._json(200, {"status": "ok", "runs": len(d.registry.runs)})
-                else:
+                elif not d.serving:
                     self._json(503, {"status": "shutting down"})
+                else:
+                    # Metrics and alerts still work; what fails is storing, so nothing new is acknowledged.
+                    self._json(503, {"status": "unhealthy", "reason": why, "runs": len(d.registry.runs)})
             elif path == "/api/v1/runs":
                 runs = []
                 for st in d.registry.snapshot():
@@ -239,26 +266,173 @@ class _Handler(BaseHTTPRequestHandler):
                 pass
 
 
+class _Server(HTTPServer):
+    """An HTTPServer with a deep backlog, a fixed pool of handler threads and deadlines for slow clients.
+
+    A connection gets a thread only once its first bytes arrive: until then it waits in a selector,
+    costing a file descriptor, and is closed after `request_timeout`. So idle or silent clients
+    never take a thread (800 of them once made 815 threads), and a thread that starts on a request
+    has `request_timeout` to receive all of it, however slowly its bytes trickle in (a plain
+    socket timeout restarts with every byte); the reaper cuts off the late ones.
+    """
+
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], handler: Any, backlog: int, timeout: float, max_connections: int):
+        # The listen backlog is read when the socket starts listening, inside __init__. The default
+        # of 5 made a burst of scrapers wait for SYN retries; a deep one lets them queue.
+        self.request_queue_size = backlog
+        self.request_timeout = timeout
+        self.max_waiting = backlog
+        self._sel = selectors.DefaultSelector()
+        self._waiting: dict[socket.socket, tuple[float, Any]] = {}  # waiting for a first byte: deadline, address
+        self._reading: dict[socket.socket, float] = {}  # a thread is receiving its request: deadline
+        self._lock = threading.Lock()
+        self._ready: queue.Queue[tuple[socket.socket, Any] | None] = queue.Queue()
+        self.closing = False
+        self.timeouts = 0  # connections cut off for sending nothing, or their request too slowly, in time
+        super().__init__(address, handler)
+        self._threads = [threading.Thread(target=self._work, name=f"trainguard-http-{i}", daemon=True)
+                         for i in range(max_connections)]
+        self._threads.append(threading.Thread(target=self._wait_loop, name="trainguard-http-wait", daemon=True))
+
+    def start_threads(self) -> None:
+        """Start the handler threads and the waiter."""
+        for t in self._threads:
+            t.start()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # Called on the accepting thread: hand the connection to the waiter, never block here.
+        now = time.monotonic()
+        with self._lock:
+            if len(self._waiting) >= self.max_waiting:  # the oldest idle connection makes room
+                oldest = min(self._waiting, key=lambda c: self._waiting[c][0])
+                self._drop(oldest)
+            self._waiting[request] = (now + self.request_timeout, client_address)
+            self._sel.register(request, selectors.EVENT_READ)
+
+    def _drop(self, conn: socket.socket) -> None:
+        """Close a waiting connection (caller holds the lock)."""
+        del self._waiting[conn]
+        try:
+            self._sel.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        self.shutdown_request(conn)
+        self.timeouts += 1
+
+    def _wait_loop(self) -> None:
+        while not self.closing:
+            try:
+                events = self._sel.select(timeout=0.05)
+            except OSError:  # a socket closed under the selector; the next round does without it
+                continue
+            now = time.monotonic()
+            with self._lock:
+                for key, _ in events:
+                    conn = key.fileobj
+                    got = self._waiting.pop(conn, None)  # type: ignore[call-overload]
+                    if got is None:
+                        continue
+                    self._sel.unregister(conn)
+                    self._ready.put((conn, got[1]))  # type: ignore[arg-type]
+                for conn in [c for c, (deadline, _) in self._waiting.items() if deadline < now]:
+                    self._drop(conn)
+        with self._lock:
+            for conn in list(self._waiting):
+                self._drop(conn)
+
+    def _work(self) -> None:
+        while True:
+            item = self._ready.get()
+            if item is None:
+                return
+            conn, address = item
+            try:
+                self.finish_request(conn, address)
+            except Exception:  # noqa: BLE001 - one connection's failure is that connection's
+                self.handle_error(conn, address)
+            finally:
+                with self._lock:
+                    self._reading.pop(conn, None)
+                self.shutdown_request(conn)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("HTTP connection from %s failed", client_address, exc_info=True)
+
+    def reading(self, conn: socket.socket, on: bool) -> None:
+        """Mark that `conn` is (or no longer is) sending a request, which must arrive within request_timeout."""
+        with self._lock:
+            if on:
+                self._reading[conn] = time.monotonic() + self.request_timeout
+            else:
+                self._reading.pop(conn, None)
+
+    def reap(self, now: float) -> int:
+        """Cut off connections still sending a request past their deadline; return how many."""
+        with self._lock:
+            late = [c for c, deadline in self._reading.items() if deadline < now]
+            for c in late:
+                del self._reading[c]
+            self.timeouts += len(late)
+        for c in late:
+            try:
+                c.shutdown(socket.SHUT_RDWR)  # the handler's blocked read returns, and it ends
+            except OSError:
+                pass
+        return len(late)
+
+    def stop_threads(self) -> None:
+        """Stop the waiter and the handler threads (after serve_forever has returned)."""
+        self.closing = True
+        for _ in self._threads:
+            self._ready.put(None)
+        for t in self._threads:
+            if t.is_alive():
+                t.join(2.0)
+        self._sel.close()
+
+
 class HttpServer:
     """The daemon's HTTP endpoint on its own thread."""
 
-    def __init__(self, daemon: Any, host: str, port: int):
-        handler = type("Handler", (_Handler,), {"daemon": daemon})
-        ThreadingHTTPServer.allow_reuse_address = True
-        self._srv = ThreadingHTTPServer((host, port), handler)
-        self._srv.daemon_threads = True
+    def __init__(self, daemon: Any, host: str, port: int, backlog: int = 1024, timeout: float = 10.0,
+                 max_connections: int = 64):
+        # The handler's `timeout` is set on each connection's socket: an idle or silent client (and
+        # each write to a client that does not read) gives up after that long.
+        handler = type("Handler", (_Handler,), {"daemon": daemon, "timeout": timeout})
+        self._srv = _Server((host, port), handler, backlog, timeout, max_connections)
         self.port = self._srv.server_address[1]
         # A short poll keeps close() quick; serve_forever's default 0.5 s wait is pure shutdown latency.
         self._thread = threading.Thread(target=self._srv.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="trainguard-http", daemon=True)
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap_loop, name="trainguard-http-reaper", daemon=True)
+
+    @property
+    def timeouts(self) -> int:
+        """Connections cut off because their request did not arrive in time."""
+        return self._srv.timeouts
 
     def start(self) -> None:
         """Serve on a background thread."""
+        self._srv.start_threads()
         self._thread.start()
+        self._reaper.start()
+
+    def _reap_loop(self) -> None:
+        interval = min(1.0, self._srv.request_timeout / 4)
+        while not self._stop.wait(interval):
+            try:
+                self._srv.reap(time.monotonic())
+            except Exception:  # noqa: BLE001
+                log.exception("http reaper failed")
 
     def close(self) -> None:
         """Stop serving."""
+        self._stop.set()
         self._srv.shutdown()
+        self._srv.stop_threads()
         self._srv.server_close()
 
 

@@ -17,6 +17,7 @@ from operator import attrgetter, itemgetter, methodcaller
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+from monitor.daemon.limits import Admission, LiveRanks
 from monitor.records import Record, RecordBlock
 
 # Series kept as windows per rank: what per-rank rules and rates need. Everything else keeps its
@@ -323,6 +324,7 @@ class RunState:
         # (suite, value name) -> [value at the series' first probe, latest value, rank that reports it]
         self.probe_series: dict[tuple[str, str], list[float]] = {}
         self.probe_series_dropped = 0  # values of series past MAX_PROBE_SERIES, not kept
+        self.admission = Admission()  # what the limits let in so far (ranks, series, pace); see limits.admit
 
     def set_detectors(self, detectors: list[Any]) -> None:
         """Install the run's detectors and index them by the record kinds they read."""
@@ -569,9 +571,10 @@ class Registry:
     window_cap: int = 256
     runs: dict[str, RunState] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    live_ranks: LiveRanks = field(default_factory=LiveRanks)  # ranks admitted over all live runs
 
-    def get_or_create(self, run: str) -> tuple[RunState, bool]:
-        """The run's state, and whether it was just created."""
+    def get_or_create(self, run: str, limit: int | None = None) -> tuple[RunState | None, bool]:
+        """The run's state, and whether it was just created; (None, False) if it is new and `limit` runs are live."""
         st = self.runs.get(run)
         if st is not None:
             return st, False
@@ -579,6 +582,8 @@ class Registry:
             st = self.runs.get(run)
             if st is not None:
                 return st, False
+            if limit is not None and len(self.runs) >= limit:
+                return None, False
             st = self.runs[run] = RunState(run, self.window_cap)
             return st, True
 
@@ -592,6 +597,9 @@ class Registry:
             return list(self.runs.values())
 
     def remove(self, run: str) -> RunState | None:
-        """Forget a run."""
+        """Forget a run (and give its ranks back to max_live_ranks)."""
         with self.lock:
-            return self.runs.pop(run, None)
+            st = self.runs.pop(run, None)
+        if st is not None:
+            self.live_ranks.remove(len(st.admission.ranks))
+        return st

@@ -125,7 +125,8 @@ def test_nan_trace_pages_through_alertmanager_and_resolves(alertmanager: str, ho
     res = replay([str(NONFINITE)], d.grpc_address, progress=False)
     assert res.rejected == 0
 
-    firing = wait_for(lambda: hook.received("firing", "NonFinite"), timeout=15, interval=0.1, what="the firing notification")
+    firing = wait_for(lambda: hook.received("firing", "NonFinite"), timeout=15, interval=0.1,
+                      what="the firing notification")
     a = firing[0]
     assert a["labels"] == {"alertname": "NonFinite", "run": "cpu-nonfinite-01", "severity": "critical"}
     assert "loss is nan at step 610" in a["annotations"]["summary"]

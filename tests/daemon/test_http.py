@@ -19,8 +19,8 @@ from tests.helpers import http_json, http_text, metrics, sample
 
 T0 = 1_700_000_000.0
 RUN_KEYS = {"run", "world_size", "ranks_reporting", "last_step", "last_seen", "status", "health"}
-ALERT_KEYS = {"silenced", "id", "run", "name", "severity", "state", "rank", "step", "started_at", "resolved_at", "summary",
-              "description", "value", "labels"}
+ALERT_KEYS = {"silenced", "id", "run", "name", "severity", "state", "rank", "step", "started_at", "resolved_at",
+              "summary", "description", "value", "labels"}
 RANK_KEYS = {"rank", "last_step", "heartbeat_step", "last_seen", "status", "records", "step_time_seconds",
              "compute_time_seconds", "tokens_per_second", "host_rss_bytes", "gpu_memory_allocated_bytes", "client"}
 CLIENT_COUNTERS = {"client_queued_total": 100.0, "client_sent_total": 90.0, "client_dropped_total": 7.0,
@@ -317,7 +317,7 @@ def test_metric_names_follow_the_conventions(fed: Fed) -> None:
                 assert fam.type == "counter", s.name
             # no steps, sample ids or free text in labels: only these label names exist
             assert set(s.labels) <= {"run", "rank", "kind", "field", "alert", "severity", "status", "framework",
-                                     "detector", "version", "python"}, s
+                                     "detector", "version", "python", "limit"}, s
             if "rank" in s.labels:
                 assert "run" in s.labels
     required = {
