@@ -140,7 +140,8 @@ def _api(url: str, path: str, method: str = "GET", body: Any = None) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from monitor.daemon.app import ConfigError, Daemon, DaemonConfig, load_config_file
+    from monitor.daemon.app import ConfigError, Daemon, DaemonConfig, load_config_file, move_aside
+    from monitor.daemon.store import StoreCorrupt, StoreError
 
     # The daemon's threads take turns on one interpreter lock; a 1 ms turn (instead of 5 ms) lets a
     # small, fresh batch through quickly while big ones are being applied.
@@ -151,9 +152,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             v = getattr(args, name)
             if v is not None:
                 setattr(cfg, name, v)
-        daemon = Daemon(cfg)
-        daemon.start()
-    except ConfigError as e:
+        try:
+            daemon = Daemon(cfg).start()
+        except StoreCorrupt as e:
+            if not args.move_corrupt_aside:
+                raise
+            dest = move_aside(cfg.db)
+            logging.getLogger("trainguard.daemon").warning("%s; moved it to %s and starting with a new database",
+                                                           e, dest)
+            daemon = Daemon(cfg).start()
+    except (ConfigError, StoreError) as e:
         raise CliError(str(e)) from None
     stop = threading.Event()
 
@@ -340,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "  trainguard serve --host 0.0.0.0 --db /var/lib/trainguard/trainguard.db\n"
                               "  trainguard serve --grpc-port 0 --http-port 0 --ready-file ports.json\n"
                               "  trainguard serve --config trainguard.toml\n"
-                              "  trainguard serve --alertmanager-url http://alertmanager:9093\n\n"
+                              "  trainguard serve --alertmanager-url http://alertmanager:9093\n"
+                              "  trainguard serve --db ./trainguard.db --move-corrupt-aside\n\n"
                               "SIGTERM or Ctrl-C shuts down gracefully: health turns NOT_SERVING, in-flight calls\n"
                               "finish, the store is flushed.")
     s.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
@@ -349,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--db", default=None, help="SQLite file for history (default ./trainguard.db)")
     s.add_argument("--config", default=None, metavar="FILE",
                    help="TOML config; command-line flags override it (see README: Configuration)")
+    s.add_argument("--move-corrupt-aside", action="store_true",
+                   help="if the database file is damaged, rename it to FILE.corrupt-TIMESTAMP (with its -wal and "
+                        "-shm files) and start with a new one, instead of refusing to start")
     s.add_argument("--ready-file", default=None, metavar="FILE",
                    help="write {grpc_port, http_port, pid} as JSON here once serving (useful with port 0)")
     s.add_argument("--alertmanager-url", dest="alertmanager_urls", action="append", default=None, metavar="URL",
