@@ -352,7 +352,7 @@ def _rank_process(address: str, run: str, rank: int, steps: int, rate: float, na
 def test_two_ranks_through_three_sigkills_store_each_record_once_and_fire_each_alert_once(
         daemon_process: DaemonProcess, tmp_path: Any) -> None:
     dp = daemon_process.start()
-    run, steps, rate, nan_step = "fault-2rank", 1500, 200.0, 260
+    run, steps, rate, nan_step = "fault-2rank", 2000, 200.0, 260
     procs = [_rank_process(dp.address, run, r, steps, rate, nan_step if r == 0 else 0, tmp_path / f"rank{r}.json")
              for r in (0, 1)]
     try:
