@@ -320,7 +320,7 @@ def test_a_failing_probe_never_raises_into_training_and_is_counted(trained: tupl
         generate = next_token_logprobs = loglikelihood
 
     sink = Sink()
-    ps = ProbeSet([Probe("arithmetic", n=4, adapter=Broken(), every_steps=2),
+    ps = ProbeSet([Probe("arithmetic", n=4, adapter=Broken(), every_steps=2, max_share=None),
                    Probe("reading", tok, n=4, every_steps=2, max_share=None)], sink)
     assert ps.start(0, model)
     ps.after_step(2, model)
