@@ -18,7 +18,7 @@ import grpc
 from monitor import wire
 from monitor.records import Record
 from tests.daemon.clients import T0, Client, batch, train
-from tests.helpers import http_json, http_text, metrics, sample
+from tests.helpers import http_json, http_text, metrics, sample, wait_for
 
 
 def post(url: str, raw: bytes) -> tuple[int, Any]:
@@ -159,7 +159,9 @@ def test_a_message_far_over_the_limit_is_refused_and_counted(daemon: Any) -> Non
         assert c.send(batch("ok", [train("ok", 1)])).accepted == 1
     finally:
         c.close()
-    time.sleep(0.1)
+    # gRPC answers the client before the handler thread sees the refusal; count it when it does.
+    wait_for(lambda: sample(metrics(daemon), "trainguard_ingest_rejected_by_limit_total",
+                            limit="max_message_bytes") is not None, what="the refusal counted")
     m = metrics(daemon)
     assert sample(m, "trainguard_ingest_rejected_by_limit_total", limit="max_message_bytes") == 1
 
