@@ -345,6 +345,9 @@ def read_trace_numbered(path: str, on_progress: Callable[[int, int], None] | Non
                 except ValueError as e:
                     yield lineno, TraceError(path, lineno, None, f"not valid JSON ({e})")
                     continue
+                except RecursionError:
+                    yield lineno, TraceError(path, lineno, None, "JSON nested too deeply")
+                    continue
                 try:
                     yield lineno, record_from_json(obj)
                 except InvalidRecord as e:

@@ -243,7 +243,10 @@ class Silences:
             raise SilenceError("body: expected a JSON object")
         unknown = set(body) - {"run", "alert", "duration_seconds", "ends_at", "comment", "created_by"}
         if unknown:
-            raise SilenceError(f"{sorted(unknown)[0]}: unknown field; known: run, alert, duration_seconds, ends_at, "
+            key = sorted(unknown)[0]
+            # The key is the client's own text: shown as is only when it is a plain name.
+            shown = key if re.fullmatch(r"\w{1,64}", key) else repr(key[:64])
+            raise SilenceError(f"{shown}: unknown field; known: run, alert, duration_seconds, ends_at, "
                                "comment, created_by")
         if "run" not in body and "alert" not in body:
             raise SilenceError("run: missing; name the run (or \"*\" for every run) and/or the alert (or \"*\"): "

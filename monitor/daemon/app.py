@@ -143,6 +143,9 @@ class DaemonConfig:
             raise ConfigError(str(e)) from None
         if not self.db:
             raise ConfigError("db: must be a file path (or :memory: is not supported; use a temporary file)")
+        if not isinstance(self.detectors, Mapping):
+            raise ConfigError(f"detectors: expected a table of detector tables ([detectors.<Name>]), "
+                              f"got {self.detectors!r}")
         try:
             check_config(self.detectors)
         except ValueError as e:

@@ -58,7 +58,13 @@ def check_config(config: Mapping[str, Any]) -> None:
         if name in DETECTORS:
             c = dict(cfg)
             c.pop("enabled", None)
-            DETECTORS[name](c)
+            try:
+                DETECTORS[name](c)
+            except ValueError:
+                raise
+            except (TypeError, ArithmeticError, LookupError, AttributeError) as e:
+                # A value of the right type that a detector still cannot use (an infinite count, ...).
+                raise ValueError(f"detectors.{name}: a setting cannot be used ({type(e).__name__}: {e})") from None
 
 
 __all__ = ["ALERT_SEVERITIES", "DETECTORS", "Detector", "Finding", "build_detectors", "check_config"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
@@ -51,6 +53,9 @@ class Detector:
         if unknown:
             raise ValueError(f"detectors.{self.name}: unknown setting(s) {', '.join(sorted(unknown))}; "
                              f"known: {', '.join(sorted(self.defaults))}")
+        for key, v in (config or {}).items():
+            if key in self.defaults:
+                _check_type(f"detectors.{self.name}.{key}", v, self.defaults[key])
         merged = {**self.defaults, **(config or {})}
         self.config = merged
         self.severity = merged.get("severity", type(self).severity)
@@ -88,3 +93,32 @@ class Detector:
 
     def restore(self, state: Mapping[str, Any]) -> None:
         """Take back what `state` returned."""
+
+
+def _check_type(where: str, v: Any, default: Any) -> None:
+    """Raise ValueError unless `v` has the JSON type of the setting's default (numbers: int where the default is).
+
+    Settings come from a config file: a string, table or list where a number belongs would
+    otherwise surface as a TypeError deep inside a detector.
+    """
+    if default is None:
+        return
+    if isinstance(default, bool):
+        ok, what = isinstance(v, bool), "true or false"
+    elif isinstance(default, int):
+        ok, what = isinstance(v, int) and not isinstance(v, bool), "a whole number"
+    elif isinstance(default, float):
+        ok, what = isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v), "a number"
+    elif isinstance(default, str):
+        ok, what = isinstance(v, str), "a string"
+    elif isinstance(default, (list, tuple)):
+        ok, what = isinstance(v, (list, tuple)), "a list"
+        if ok and default:
+            for i, x in enumerate(v):
+                _check_type(f"{where}[{i}]", x, default[0])
+    elif isinstance(default, Mapping):
+        ok, what = isinstance(v, Mapping), "a table"
+    else:
+        return
+    if not ok:
+        raise ValueError(f"{where}: expected {what} (the default is {default!r}), got {v!r}")
