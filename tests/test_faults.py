@@ -9,8 +9,6 @@ import os
 import signal
 import statistics
 import subprocess
-
-import pytest
 import sys
 import threading
 import time
@@ -351,8 +349,6 @@ def _rank_process(address: str, run: str, rank: int, steps: int, rate: float, na
                              str(nan_step), str(out)], cwd=ROOT, env=env, stderr=subprocess.PIPE)
 
 
-@pytest.mark.xfail(strict=True, reason="known defect: after a restart the daemon replays batches newer than its saved "
-                   "detector state through the detectors, and an alert that had already fired and resolved fires again")
 def test_two_ranks_through_three_sigkills_store_each_record_once_and_fire_each_alert_once(
         daemon_process: DaemonProcess, tmp_path: Any) -> None:
     dp = daemon_process.start()

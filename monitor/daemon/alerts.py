@@ -412,12 +412,20 @@ class AlertManager:
 
     # -- findings ------------------------------------------------------------------------------------
 
-    def apply(self, run: str, findings: Iterable[Finding], notify: bool = True) -> list[Alert]:
-        """Apply detector findings for `run`; return the alerts that changed."""
+    def apply(self, run: str, findings: Iterable[Finding], notify: bool = True, replayed: bool = False) -> list[Alert]:
+        """Apply detector findings for `run`; return the alerts that changed.
+
+        `replayed`: the findings come from evidence applied again after a restart (batches stored after
+        the detectors' state was saved). A fire whose evidence is not newer than an alert of the same
+        name already kept for the run is that alert, found a second time: it is skipped, so that an
+        alert that fired (and perhaps resolved) before the restart does not fire again.
+        """
         changed: list[Alert] = []
         now = time.time()
         with self._lock:
             for f in findings:
+                if replayed and f.action == "fire" and self._seen(run, f):
+                    continue
                 self._observe(run, f.t, f.step)
                 # Due promotions and resolutions happen before this evidence is taken into account.
                 self._evaluate(run, f.t, f.step, now, notify, changed)
@@ -557,6 +565,10 @@ class AlertManager:
 
     def _silenced(self, a: Alert, now: float) -> bool:
         return self.silences is not None and self.silences.matching(a.run, a.name, now) is not None
+
+    def _seen(self, run: str, f: Finding) -> bool:
+        """Whether an alert named as `f` that started from evidence at or after f.t is kept for `run`."""
+        return any(a.name == f.alert and a.started_at >= f.t for a in self._by_run.get(run, ()))
 
     def _observe(self, run: str, t: float, step: int | None) -> None:
         pt, ps = self._pos.get(run, (t, step))

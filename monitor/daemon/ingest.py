@@ -309,5 +309,5 @@ class Ingest:
                 if row.get("status") in ("completed", "failed", "stopped"):
                     st.run_status = row["status"]
             if findings:
-                self.alerts.apply(st.run, findings)
+                self.alerts.apply(st.run, findings, replayed=True)
         return len(rows)
