@@ -464,6 +464,10 @@ def test_absent_longer_than_the_queue_spill_loses_nothing_and_without_it_drops_a
     # ... and the daemon was told the exact figure.
     wait_for(lambda: _client_metric(dp.url, "trainguard_client_dropped_records_total", "fault-nospill") == d.dropped,
              timeout=5, what="the dropped count to reach /metrics")
+    wait_for(lambda: _client_metric(dp.url, "trainguard_client_spilled_records_total", "fault-spill") == s.spilled,
+             timeout=5, what="the spilled count to reach /metrics")
+    assert _client_metric(dp.url, "trainguard_client_spill_bytes", "fault-spill") is not None
+    assert _client_metric(dp.url, "trainguard_client_spilled_records_total", "fault-nospill") is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,6 +40,14 @@ CLIENT_VALUES = (
     ("client_invalid_values_total", "trainguard_client_invalid_values_total",
      "Values the client could not read as numbers and dropped.", True),
     ("client_queue_depth", "trainguard_client_queue_depth", "Records waiting in the client's queue.", False),
+    # Sent only by clients with a spill directory (spill_path).
+    ("client_spilled_total", "trainguard_client_spilled_records_total",
+     "Records the client wrote to its spill file while the daemon was away.", True),
+    ("client_spill_bytes", "trainguard_client_spill_bytes", "Bytes in the client's spill file now.", False),
+    ("client_spill_torn_total", "trainguard_client_spill_torn_batches_total",
+     "Damaged batches the client found in a spill file and skipped (a crash mid-write).", True),
+    ("client_spill_recovered_total", "trainguard_client_spill_recovered_records_total",
+     "Records the client took over from the spill file of an earlier process.", True),
 )
 _SEVERITY_RANK = {"info": 1, "warning": 2, "critical": 3}
 
