@@ -375,7 +375,9 @@ class AlertmanagerNotifier(QueuedNotifier):
             batch = [(a, "firing") for a in self._firing.values()]
             if not batch or any(it.resend for it in self._q):
                 return
-        self._put(_Item(len(batch), batch, resend=True))
+            # Queued under the same lock as the snapshot: a resolve that comes in between would
+            # otherwise be queued first and then undone by this stale "firing".
+            self._put(_Item(len(batch), batch, resend=True))
 
     def generator_url(self, a: dict[str, Any]) -> str:
         """The link back to this daemon's alerts of the run."""
