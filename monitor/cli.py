@@ -115,13 +115,28 @@ def format_runs(runs: Sequence[dict[str, Any]]) -> str:
                    _when(r["last_seen"])] for r in runs])
 
 
-def _api(url: str, path: str, method: str = "GET", body: Any = None) -> Any:
+def _security(args: argparse.Namespace) -> Any:
+    """The token and TLS settings of a client command: its flags, else TRAINGUARD_TOKEN, TRAINGUARD_TLS_CA, ..."""
+    from monitor.client.security import ClientSecurity
+
+    try:
+        return ClientSecurity.resolve(token_file=args.token_file, ca_file=args.ca, cert_file=args.cert,
+                                      key_file=args.key)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
+def _api(args: argparse.Namespace, path: str, method: str = "GET", body: Any = None) -> Any:
+    url = args.url
+    sec = _security(args)
     full = url.rstrip("/") + path
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(full, data=data, method=method,
-                                 headers={"Content-Type": "application/json"} if data is not None else {})
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    headers.update(sec.headers())
+    req = urllib.request.Request(full, data=data, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=10) as r:
+        ctx = sec.ssl_context() if full.startswith("https:") else None
+        with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
             return json.load(r)
     except urllib.error.HTTPError as e:
         try:
@@ -148,7 +163,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sys.setswitchinterval(0.001)
     try:
         cfg = DaemonConfig.from_mapping(load_config_file(args.config), args.config) if args.config else DaemonConfig()
-        for name in ("host", "grpc_port", "http_port", "db", "alertmanager_urls", "webhook_urls"):
+        for name in ("host", "grpc_port", "http_port", "db", "alertmanager_urls", "webhook_urls", "tls_cert_file",
+                     "tls_key_file", "tls_client_ca_file", "auth_tokens_file", "insecure"):
             v = getattr(args, name)
             if v is not None:
                 setattr(cfg, name, v)
@@ -194,7 +210,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise CliError(f"no such file: {', '.join(missing)}")
     try:
         res = replay(args.traces, args.address, batch_size=args.batch_size,
-                     progress=False if args.quiet else None)
+                     progress=False if args.quiet else None, security=_security(args))
     except ReplayError as e:
         raise CliError(str(e)) from None
     rate = res.records_accepted / res.seconds if res.seconds > 0 else 0.0
@@ -215,7 +231,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     if args.run:
-        detail = _api(args.url, "/api/v1/runs/" + urllib.parse.quote(args.run, safe=""))
+        detail = _api(args, "/api/v1/runs/" + urllib.parse.quote(args.run, safe=""))
         if args.json:
             print(json.dumps(detail, indent=2))
             return 0
@@ -225,7 +241,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
                     [[r["rank"], r["status"], r["last_step"], _when(r["last_seen"]), r["step_time_seconds"],
                       r["host_rss_bytes"], r["client"].get("client_dropped_total")] for r in detail["ranks"]]))
         return 0
-    runs = _api(args.url, "/api/v1/runs")["runs"]
+    runs = _api(args, "/api/v1/runs")["runs"]
     print(json.dumps(runs, indent=2) if args.json else format_runs(runs))
     return 0
 
@@ -234,19 +250,19 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     q = {"state": args.state}
     if args.run:
         q["run"] = args.run
-    alerts = _api(args.url, "/api/v1/alerts?" + urllib.parse.urlencode(q))["alerts"]
+    alerts = _api(args, "/api/v1/alerts?" + urllib.parse.urlencode(q))["alerts"]
     print(json.dumps(alerts, indent=2) if args.json else format_alerts(alerts))
     return 0
 
 
 def cmd_silence(args: argparse.Namespace) -> int:
     if args.list:
-        silences = _api(args.url, "/api/v1/silences?" + urllib.parse.urlencode(
+        silences = _api(args, "/api/v1/silences?" + urllib.parse.urlencode(
             {"state": "all" if args.all else "active"}))["silences"]
         print(json.dumps(silences, indent=2) if args.json else format_silences(silences))
         return 0
     if args.expire is not None:
-        s = _api(args.url, f"/api/v1/silences/{args.expire}", method="DELETE")["silence"]
+        s = _api(args, f"/api/v1/silences/{args.expire}", method="DELETE")["silence"]
         print(json.dumps(s, indent=2) if args.json else
               f"silence {s['id']} expired (run {s['run']}, alert {s['alert']})")
         return 0
@@ -257,7 +273,7 @@ def cmd_silence(args: argparse.Namespace) -> int:
         raise CliError("name what to silence: --run RUN and/or --alert NAME (use '*' for any)")
     body = {"run": args.run or "*", "alert": args.alert or "*", "duration_seconds": args.duration,
             "comment": args.comment, "created_by": args.by}
-    res = _api(args.url, "/api/v1/silences", method="POST", body=body)
+    res = _api(args, "/api/v1/silences", method="POST", body=body)
     s = res["silence"]
     if args.json:
         print(json.dumps(s, indent=2))
@@ -326,6 +342,20 @@ def _port(v: str) -> int:
     return x
 
 
+def _client_flags(s: argparse.ArgumentParser) -> None:
+    """Token and TLS options of the commands that talk to a daemon (the token itself only from a file or
+    TRAINGUARD_TOKEN: a command line is visible to every user of the machine)."""
+    g = s.add_argument_group("authentication and TLS (see SECURITY.md)")
+    g.add_argument("--token-file", default=None, metavar="FILE",
+                   help="file holding the bearer token (default $TRAINGUARD_TOKEN_FILE, or the token in "
+                        "$TRAINGUARD_TOKEN)")
+    g.add_argument("--ca", default=None, metavar="FILE",
+                   help="PEM CA certificate that signed the daemon's (default $TRAINGUARD_TLS_CA); turns on TLS")
+    g.add_argument("--cert", default=None, metavar="FILE",
+                   help="PEM client certificate for mutual TLS (default $TRAINGUARD_TLS_CERT)")
+    g.add_argument("--key", default=None, metavar="FILE", help="its private key (default $TRAINGUARD_TLS_KEY)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     fmt = argparse.RawDescriptionHelpFormatter
@@ -345,11 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the trainguard daemon: gRPC ingest, detectors, alerts, SQLite history, "
                                    "Prometheus /metrics and the JSON API.",
                        epilog="examples:\n  trainguard serve\n"
-                              "  trainguard serve --host 0.0.0.0 --db /var/lib/trainguard/trainguard.db\n"
+                              "  trainguard serve --db /var/lib/trainguard/trainguard.db\n"
                               "  trainguard serve --grpc-port 0 --http-port 0 --ready-file ports.json\n"
                               "  trainguard serve --config trainguard.toml\n"
                               "  trainguard serve --alertmanager-url http://alertmanager:9093\n"
-                              "  trainguard serve --db ./trainguard.db --move-corrupt-aside\n\n"
+                              "  trainguard serve --db ./trainguard.db --move-corrupt-aside\n"
+                              "  trainguard serve --host 0.0.0.0 --auth-tokens-file tokens.toml \\\n"
+                              "      --tls-cert tls.crt --tls-key tls.key\n\n"
+                              "Listening on an address other than loopback needs client authentication (tokens or\n"
+                              "mutual TLS) or --insecure; see SECURITY.md.\n\n"
                               "SIGTERM or Ctrl-C shuts down gracefully: health turns NOT_SERVING, in-flight calls\n"
                               "finish, the store is flushed.")
     s.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
@@ -361,6 +395,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--move-corrupt-aside", action="store_true",
                    help="if the database file is damaged, rename it to FILE.corrupt-TIMESTAMP (with its -wal and "
                         "-shm files) and start with a new one, instead of refusing to start")
+    g = s.add_argument_group("security (see SECURITY.md)")
+    g.add_argument("--tls-cert", dest="tls_cert_file", default=None, metavar="FILE",
+                   help="PEM certificate for both listeners (with --tls-key): gRPC over TLS and HTTPS")
+    g.add_argument("--tls-key", dest="tls_key_file", default=None, metavar="FILE", help="its private key")
+    g.add_argument("--tls-client-ca", dest="tls_client_ca_file", default=None, metavar="FILE",
+                   help="mutual TLS: accept only clients with a certificate this CA signed")
+    g.add_argument("--auth-tokens-file", dest="auth_tokens_file", default=None, metavar="FILE",
+                   help="TOML file of accepted bearer tokens, each scoped to run-id prefixes and to read or "
+                        "write (default: $TRAINGUARD_AUTH_TOKENS holds the same text, if set)")
+    g.add_argument("--insecure", action="store_true", default=None,
+                   help="listen on a non-loopback --host without any client authentication (a warning is "
+                        "logged): anyone who can reach the ports can write into and read every run")
     s.add_argument("--ready-file", default=None, metavar="FILE",
                    help="write {grpc_port, http_port, pid} as JSON here once serving (useful with port 0)")
     s.add_argument("--alertmanager-url", dest="alertmanager_urls", action="append", default=None, metavar="URL",
@@ -384,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"daemon gRPC address (default $TRAINGUARD_ADDRESS or {DEFAULT_ADDRESS})")
     s.add_argument("--batch-size", type=int, default=1000, help="records per batch (default 1000)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    _client_flags(s)
     s.set_defaults(func=cmd_replay)
 
     url_help = f"daemon HTTP URL (default $TRAINGUARD_URL or {DEFAULT_URL})"
@@ -393,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", default=None, help="show one run with per-rank detail")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.add_argument("--url", default=os.environ.get("TRAINGUARD_URL", DEFAULT_URL), help=url_help)
+    _client_flags(s)
     s.set_defaults(func=cmd_runs)
 
     s = sub.add_parser("alerts", help="list alerts", formatter_class=fmt,
@@ -404,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default all (every alert that fired); pending: waiting for their `for`")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.add_argument("--url", default=os.environ.get("TRAINGUARD_URL", DEFAULT_URL), help=url_help)
+    _client_flags(s)
     s.set_defaults(func=cmd_alerts)
 
     s = sub.add_parser("silence", help="stop notifications for a run or an alert for a while", formatter_class=fmt,
@@ -431,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--all", action="store_true", help="with --list: expired ones too")
     s.add_argument("--json", action="store_true", help="print JSON instead of text")
     s.add_argument("--url", default=os.environ.get("TRAINGUARD_URL", DEFAULT_URL), help=url_help)
+    _client_flags(s)
     s.set_defaults(func=cmd_silence)
 
     s = sub.add_parser("demo", help="see trainguard catch a NaN or forgetting in a live training run",

@@ -117,8 +117,11 @@ def _size_bound(rec: Record) -> int:
 
 def replay(paths: Iterable[str], address: str, batch_size: int = 1000, timeout: float = 30.0,
            retry_for: float = 30.0, progress: bool | None = None, stream: TextIO = sys.stderr,
-           keep_errors: int = 20) -> ReplayResult:
-    """Replay trace files in order; return after the daemon acknowledged (and so applied) every batch."""
+           keep_errors: int = 20, security: Any = None) -> ReplayResult:
+    """Replay trace files in order; return after the daemon acknowledged (and so applied) every batch.
+
+    `security`: a monitor.client.security.ClientSecurity (default: TRAINGUARD_TOKEN, TRAINGUARD_TLS_CA, ...).
+    """
     import os
 
     import grpc
@@ -129,7 +132,13 @@ def replay(paths: Iterable[str], address: str, batch_size: int = 1000, timeout: 
     res = ReplayResult()
     total_bytes = sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
     bar = Progress(stream, total_bytes, stream.isatty() if progress is None else progress)
-    channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 2 * wire.MAX_BATCH_BYTES)])
+    from monitor.client.security import ClientSecurity
+
+    try:
+        sec = security if security is not None else ClientSecurity.resolve()
+    except ValueError as e:
+        raise ReplayError(str(e)) from None
+    channel = sec.channel(address, [("grpc.max_send_message_length", 2 * wire.MAX_BATCH_BYTES)])
     call = channel.unary_unary(wire.REPORT_METHOD)
     t0 = time.monotonic()
     try:

@@ -8,7 +8,7 @@ from typing import Any, Iterator
 import pytest
 
 from monitor.daemon.app import Daemon, DaemonConfig
-from tests.helpers import DaemonProcess
+from tests.helpers import DaemonProcess, Pki
 
 
 @pytest.fixture
@@ -48,8 +48,15 @@ def daemon_process(tmp_path: Path) -> Iterator[DaemonProcess]:
 def _no_env_leaks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests set their own addresses; a developer's environment must not steer them."""
     for var in ("TRAINGUARD_ADDRESS", "TRAINGUARD_RUN", "TRAINGUARD_RUN_GENERATED", "TRAINGUARD_RECORD",
-                "TORCHELASTIC_RUN_ID", "RANK"):
+                "TRAINGUARD_SPILL", "TRAINGUARD_TOKEN", "TRAINGUARD_TOKEN_FILE", "TRAINGUARD_TLS", "TRAINGUARD_TLS_CA",
+                "TRAINGUARD_TLS_CERT", "TRAINGUARD_TLS_KEY", "TRAINGUARD_AUTH_TOKENS", "TORCHELASTIC_RUN_ID", "RANK"):
         monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA, a server certificate for 127.0.0.1, a client certificate, and a stranger's (openssl)."""
+    return Pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture

@@ -131,3 +131,38 @@ def metrics(d: Any) -> MetricSamples:
 def sample(m: MetricSamples, name: str, **labels: str) -> float | None:
     """One sample's value from metrics(), or None."""
     return m.get((name, frozenset(labels.items())))
+
+
+class Pki:
+    """Certificates made with the openssl command for the TLS tests: a CA, the daemon's certificate for
+    127.0.0.1 and localhost, a client certificate the CA signed, and one from a CA the daemon does not trust."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.ca, self.ca_key = self._ca("ca", "trainguard test CA")
+        self.server, self.server_key = self._leaf("server", "localhost", self.ca, self.ca_key,
+                                                  "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                                                  "extendedKeyUsage=serverAuth\n")
+        self.client, self.client_key = self._leaf("client", "team-a job", self.ca, self.ca_key,
+                                                  "extendedKeyUsage=clientAuth\n")
+        other_ca, other_key = self._ca("other-ca", "someone else's CA")
+        self.stranger, self.stranger_key = self._leaf("stranger", "stranger", other_ca, other_key,
+                                                      "extendedKeyUsage=clientAuth\n")
+
+    def _run(self, *args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=self.root, check=True, capture_output=True)
+
+    def _ca(self, name: str, cn: str) -> tuple[str, str]:
+        self._run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                  "-keyout", f"{name}.key", "-out", f"{name}.crt", "-days", "2", "-subj", f"/CN={cn}")
+        return str(self.root / f"{name}.crt"), str(self.root / f"{name}.key")
+
+    def _leaf(self, name: str, cn: str, ca: str, ca_key: str, ext: str) -> tuple[str, str]:
+        (self.root / f"{name}.ext").write_text("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n"
+                                               "authorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\n" + ext)
+        self._run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
+                  f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}")
+        self._run("x509", "-req", "-in", f"{name}.csr", "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+                  "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
+        return str(self.root / f"{name}.crt"), str(self.root / f"{name}.key")

@@ -131,6 +131,7 @@ class Reporter:
         device_wait: float = 120.0,
         spill_path: str | None = None,
         spill_max_bytes: int = DEFAULT_SPILL_MAX_BYTES,
+        security: Any = None,
         start: bool = True,
     ):
         run = run or _env_run() or generate_run_id()
@@ -164,6 +165,9 @@ class Reporter:
         self.timeout = timeout
         self.max_backoff = max_backoff
         self.device_wait = device_wait
+        # A monitor.client.security.ClientSecurity: the token and TLS settings; default from the environment
+        # (TRAINGUARD_TOKEN, TRAINGUARD_TLS_CA, ...), read when the sender first connects.
+        self.security = security
         self._init_state()
         _live.add(self)
         self._register_fork_hook()
@@ -699,7 +703,11 @@ class Reporter:
             return
         from monitor import wire
 
-        self._channel = open_channel(self.address or DEFAULT_ADDRESS, self.max_backoff)
+        if self.security is None:
+            from monitor.client.security import ClientSecurity
+
+            self.security = ClientSecurity.resolve()  # a ValueError names the setting; the sender warns
+        self._channel = open_channel(self.address or DEFAULT_ADDRESS, self.max_backoff, self.security)
         self._call = self._channel.unary_unary(wire.REPORT_METHOD)
 
     def _take_next(self) -> tuple[int, int, bytes, Any] | None:
@@ -829,23 +837,24 @@ class Reporter:
                 pass
 
 
-def open_channel(address: str, max_backoff: float = 5.0) -> Any:
-    """The gRPC channel to a daemon: the one place that decides how the client connects (TLS and tokens go here)."""
-    import grpc
+def open_channel(address: str, max_backoff: float = 5.0, security: Any = None) -> Any:
+    """The gRPC channel to a daemon: the one place that decides how the client connects.
 
+    `security` (a ClientSecurity) gives the token and TLS settings; by default they are read from the
+    environment (TRAINGUARD_TOKEN, TRAINGUARD_TLS_CA, ...; see monitor.client.security).
+    """
     from monitor import wire
+    from monitor.client.security import ClientSecurity
 
-    return grpc.insecure_channel(
-        address,
-        options=[
-            # Reconnect quickly after a daemon restart instead of grpc's default of up to 2 minutes.
-            ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.min_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", int(max_backoff * 1000)),
-            ("grpc.max_send_message_length", 2 * wire.MAX_BATCH_BYTES),
-            ("grpc.enable_retries", 0),
-        ],
-    )
+    sec = security if security is not None else ClientSecurity.resolve()
+    return sec.channel(address, [
+        # Reconnect quickly after a daemon restart instead of grpc's default of up to 2 minutes.
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", int(max_backoff * 1000)),
+        ("grpc.max_send_message_length", 2 * wire.MAX_BATCH_BYTES),
+        ("grpc.enable_retries", 0),
+    ])
 
 
 def retry_after(err: Any) -> float | None:

@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from monitor import wire
 from monitor.daemon.alerts import DEFAULT_RUNBOOK_URL, Alert, AlertManager, AlertRules, Silences, check_runbook_url
+from monitor.daemon.auth import Auth, AuthConfigError, TlsFiles, Tokens, check_exposure, is_loopback
 from monitor.daemon.collector import DaemonCollector
 from monitor.daemon.detectors import ALERT_SEVERITIES, check_config
 from monitor.daemon.http import HttpServer, make_registry
@@ -93,6 +94,16 @@ class DaemonConfig:
     # Seconds one store transaction may take before health reports the store stuck (a lock, a stalled disk).
     store_stall_seconds: float = 10.0
     commit_timeout: float = 30.0  # seconds a batch waits for its commit before the client is told to resend
+    # Security (SECURITY.md): TLS for both listeners, mutual TLS with a client CA, bearer tokens scoped to
+    # run-id prefixes (a TOML file; or $TRAINGUARD_AUTH_TOKENS), and whether /metrics and /healthz need one.
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
+    auth_tokens_file: str | None = None
+    metrics_open: bool = True
+    healthz_open: bool = True
+    # Listen on a non-loopback address with no client authentication (--insecure); refused otherwise.
+    insecure: bool = False
 
     def validate(self) -> "DaemonConfig":
         """Check every setting; raise ConfigError naming the first bad one."""
@@ -100,6 +111,13 @@ class DaemonConfig:
             v = getattr(self, name)
             if not isinstance(v, str):
                 raise ConfigError(f"{name}: expected a string, got {v!r}")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_tokens_file"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str):
+                raise ConfigError(f"{name}: expected a file path, got {v!r}")
+        for name in ("metrics_open", "healthz_open", "insecure"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         for name in ("grpc_port", "http_port"):
             v = getattr(self, name)
             if not isinstance(v, int) or not 0 <= v <= 65535:
@@ -213,6 +231,19 @@ class Daemon:
             os.makedirs(db_dir, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"db: cannot create the directory {db_dir} ({e.strerror})") from None
+        try:
+            tokens = Tokens.load(config.auth_tokens_file)
+            self.tls = TlsFiles.load(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+        except AuthConfigError as e:
+            raise ConfigError(str(e)) from None
+        mutual = self.tls is not None and self.tls.client_ca is not None
+        problem = check_exposure(config.host, tokens is not None or mutual, config.insecure)
+        if problem:
+            raise ConfigError(problem)
+        if config.insecure and not is_loopback(config.host) and tokens is None and not mutual:
+            log.warning("listening on %s with no client authentication (--insecure): anyone who can reach the "
+                        "ports can write into and read every run", config.host or "every interface")
+        self.auth = Auth(tokens, metrics_open=config.metrics_open, healthz_open=config.healthz_open)
         self.store = Store(config.db, stall_after=config.store_stall_seconds)
         self.registry = Registry(window_cap=config.window)
         self.notifiers: list[QueuedNotifier] = self._build_notifiers()
@@ -274,16 +305,20 @@ class Daemon:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        self._grpc.add_generic_rpc_handlers((TelemetryServicer(self.ingest, self.limits).handler(),))
+        self._grpc.add_generic_rpc_handlers((TelemetryServicer(self.ingest, self.limits, self.auth).handler(),))
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         try:
-            self.grpc_port = self._grpc.add_insecure_port(f"{c.host}:{c.grpc_port}")
+            if self.tls is not None:
+                self.grpc_port = self._grpc.add_secure_port(f"{c.host}:{c.grpc_port}", self.tls.grpc_credentials())
+            else:
+                self.grpc_port = self._grpc.add_insecure_port(f"{c.host}:{c.grpc_port}")
         except RuntimeError as e:
             raise ConfigError(f"grpc_port: cannot listen on {c.host}:{c.grpc_port} ({e})") from None
         try:
             self._http = HttpServer(self, c.host, c.http_port, backlog=c.http_backlog,
-                                    timeout=c.http_timeout_seconds, max_connections=c.http_max_connections)
+                                    timeout=c.http_timeout_seconds, max_connections=c.http_max_connections,
+                                    ssl_context=self.tls.ssl_context() if self.tls is not None else None)
         except OSError as e:
             self._grpc.stop(0)
             raise ConfigError(f"http_port: cannot listen on {c.host}:{c.http_port} ({e.strerror})") from None
@@ -346,7 +381,11 @@ class Daemon:
     @property
     def http_url(self) -> str:
         """Base URL of the HTTP endpoint."""
-        return f"http://{self.config.host}:{self.http_port}"
+        return f"{self.http_scheme}://{self.config.host}:{self.http_port}"
+
+    @property
+    def http_scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
 
     @property
     def external_url(self) -> str:
@@ -356,7 +395,7 @@ class Daemon:
         host = self.config.host
         if host in ("0.0.0.0", "::", ""):
             host = socket.getfqdn()
-        return f"http://{host}:{self.http_port}"
+        return f"{self.http_scheme}://{host}:{self.http_port}"
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Persist run summaries, wait for the store to commit and for notifiers to deliver what is queued."""

@@ -257,6 +257,15 @@ class DaemonCollector:
                                     "did not arrive within http_timeout_seconds.")
             c.add_metric([], http.timeouts)
             yield c
+        auth = getattr(d, "auth", None)
+        if auth is not None:
+            c = CounterMetricFamily("trainguard_auth_refused", "Requests refused by authentication or a token's "
+                                    "scope, by listener (grpc, http) and reason: missing_token, unknown_token, "
+                                    "malformed, read_only, run_scope, tls_handshake (HTTP only).",
+                                    labels=["listener", "reason"])
+            for (listener, reason), n in sorted(auth.refusals().items()):
+                c.add_metric([listener, reason], n)
+            yield c
         g = GaugeMetricFamily("trainguard_runs", "Live runs.")
         g.add_metric([], len(d.registry.runs))
         yield g

@@ -7,6 +7,7 @@ import logging
 import queue
 import selectors
 import socket
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -14,8 +15,10 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
 
 from monitor.daemon.alerts import SilenceError, json_number
+from monitor.daemon.auth import Principal, Refused, readable
 
 log = logging.getLogger("trainguard.http")
 _SEVERITY = {"info": 1, "warning": 2, "critical": 3}
@@ -32,6 +35,25 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+    @classmethod
+    def refused(cls, e: Refused) -> "ApiError":
+        """401 for no (or no known) token, 403 for one that may not do this."""
+        return cls(401 if e.unauthenticated else 403, e.message)
+
+
+class RunFiltered:
+    """The metrics of the runs a reader may see: samples with another run's `run` label are left out."""
+
+    def __init__(self, registry: Any, allow: Any):
+        self.registry = registry
+        self.allow = allow
+
+    def collect(self) -> Any:
+        for fam in self.registry.collect():
+            out = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            out.samples = [smp for smp in fam.samples if "run" not in smp.labels or self.allow(smp.labels["run"])]
+            yield out
 
 
 def run_health(alerts: list[Any]) -> str:
@@ -90,6 +112,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes, ctype: str) -> None:
         self.send_response(status)
+        if status == 401:
+            self.send_header("WWW-Authenticate", 'Bearer realm="trainguard"')
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -143,6 +167,20 @@ class _Handler(BaseHTTPRequestHandler):
         except RecursionError:
             raise ApiError(400, "body: JSON nested too deeply; expected a flat object") from None
 
+    def _who(self) -> Principal | None:
+        """The caller's principal (None when authentication is off); ApiError 401 without a known token."""
+        try:
+            return self.daemon.auth.authenticate(self.headers.get("Authorization"), "http")
+        except Refused as e:
+            raise ApiError.refused(e) from None
+
+    def _may(self, who: Principal | None, run: str, write: bool = False) -> None:
+        """ApiError 403 unless `who` may read (or write) `run`."""
+        try:
+            self.daemon.auth.require(who, run, write, "http")
+        except Refused as e:
+            raise ApiError.refused(e) from None
+
     def _silence_id(self, path: str) -> int:
         raw = unquote(path[len("/api/v1/silences/"):])
         try:
@@ -172,7 +210,14 @@ class _Handler(BaseHTTPRequestHandler):
             if path != "/api/v1/silences":
                 raise ApiError(404 if not path.startswith("/api/v1/silences/") else 405,
                                f"no such endpoint for POST: {path}")
+            who = self._who()
             body = self._body()
+            if who is not None and isinstance(body, dict):
+                run = body.get("run", "*")
+                if isinstance(run, str):  # anything else is refused by create(), naming the field
+                    self._may(who, run, write=True)
+                if "created_by" not in body:
+                    body = {**body, "created_by": who.name}
             try:
                 s = d.silences.create(body)
             except SilenceError as e:
@@ -190,7 +235,12 @@ class _Handler(BaseHTTPRequestHandler):
         def handle() -> None:
             if not path.startswith("/api/v1/silences/"):
                 raise ApiError(404, f"no such endpoint for DELETE: {path}")
+            who = self._who()
             sid = self._silence_id(path)
+            if who is not None:
+                found = d.silences.get(sid)
+                if found is not None:
+                    self._may(who, found.run, write=True)
             s = d.silences.expire(sid)
             if s is None:
                 raise ApiError(404, f"silence {sid} does not exist")
@@ -207,8 +257,13 @@ class _Handler(BaseHTTPRequestHandler):
         path = parts.path
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         try:
+            open_path = (path == "/metrics" and d.auth.metrics_open) or (path == "/healthz" and d.auth.healthz_open)
+            who = None if open_path else self._who()
+            allow = readable(who)
             if path == "/metrics":
-                self._send(200, generate_latest(d.metrics_registry), CONTENT_TYPE_LATEST)
+                registry = d.metrics_registry if who is None or who.every_run else RunFiltered(d.metrics_registry,
+                                                                                              allow)
+                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
                 ok, why = d.health()
                 if ok:
@@ -221,12 +276,15 @@ class _Handler(BaseHTTPRequestHandler):
             elif path == "/api/v1/runs":
                 runs = []
                 for st in d.registry.snapshot():
+                    if not allow(st.run):
+                        continue
                     with st.lock:
                         runs.append(run_summary(d, st))
                 runs.sort(key=lambda r: r["last_seen"] or 0, reverse=True)
                 self._json(200, {"runs": runs})
             elif path.startswith("/api/v1/runs/"):
                 run = unquote(path[len("/api/v1/runs/"):])
+                self._may(who, run)
                 st = d.registry.get(run)
                 if st is None:
                     raise ApiError(404, f"run {run!r} is not live on this daemon")
@@ -235,17 +293,23 @@ class _Handler(BaseHTTPRequestHandler):
                 state = query.get("state", "all")
                 if state not in ALERT_STATES:
                     raise ApiError(400, f"state: {state!r} is not one of {', '.join(ALERT_STATES)}")
-                self._json(200, {"alerts": d.list_alerts(query.get("run"), None if state == "all" else state)})
+                if query.get("run") is not None:
+                    self._may(who, query["run"])
+                alerts = d.list_alerts(query.get("run"), None if state == "all" else state)
+                self._json(200, {"alerts": [a for a in alerts if allow(a["run"])]})
             elif path == "/api/v1/silences":
                 state = query.get("state", "active")
                 if state not in SILENCE_STATES:
                     raise ApiError(400, f"state: {state!r} is not one of {', '.join(SILENCE_STATES)}")
                 now = time.time()
-                self._json(200, {"silences": [s.to_api(now) for s in d.silences.list(state, now)]})
+                self._json(200, {"silences": [s.to_api(now) for s in d.silences.list(state, now)
+                                              if s.run == "*" or allow(s.run)]})
             elif path.startswith("/api/v1/silences/"):
                 s = d.silences.get(self._silence_id(path))
                 if s is None:
                     raise ApiError(404, f"silence {path.rsplit('/', 1)[-1]} does not exist")
+                if s.run != "*":
+                    self._may(who, s.run)
                 self._json(200, {"silence": s.to_api(time.time())})
             elif path in ("/", "/api/v1"):
                 self._json(200, {"endpoints": ["/metrics", "/healthz", "/api/v1/runs", "/api/v1/runs/{run}",
@@ -278,7 +342,10 @@ class _Server(HTTPServer):
 
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], handler: Any, backlog: int, timeout: float, max_connections: int):
+    def __init__(self, address: tuple[str, int], handler: Any, backlog: int, timeout: float, max_connections: int,
+                 ssl_context: ssl.SSLContext | None = None, on_handshake_failure: Any = None):
+        self.ssl_context = ssl_context
+        self.on_handshake_failure = on_handshake_failure
         # The listen backlog is read when the socket starts listening, inside __init__. The default
         # of 5 made a burst of scrapers wait for SYN retries; a deep one lets them queue.
         self.request_queue_size = backlog
@@ -348,6 +415,11 @@ class _Server(HTTPServer):
             if item is None:
                 return
             conn, address = item
+            if self.ssl_context is not None:
+                tls = self._handshake(conn, address)
+                if tls is None:
+                    continue
+                conn = tls
             try:
                 self.finish_request(conn, address)
             except Exception:  # noqa: BLE001 - one connection's failure is that connection's
@@ -356,6 +428,19 @@ class _Server(HTTPServer):
                 with self._lock:
                     self._reading.pop(conn, None)
                 self.shutdown_request(conn)
+
+    def _handshake(self, conn: socket.socket, address: Any) -> ssl.SSLSocket | None:
+        """The TLS side of a connection (on a handler thread, within request_timeout); None if it failed."""
+        assert self.ssl_context is not None
+        try:
+            conn.settimeout(self.request_timeout)
+            return self.ssl_context.wrap_socket(conn, server_side=True)
+        except (ssl.SSLError, OSError) as e:
+            log.debug("TLS handshake with %s failed: %s", address, e)
+            if self.on_handshake_failure is not None:
+                self.on_handshake_failure()
+            self.shutdown_request(conn)
+            return None
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("HTTP connection from %s failed", client_address, exc_info=True)
@@ -397,11 +482,13 @@ class HttpServer:
     """The daemon's HTTP endpoint on its own thread."""
 
     def __init__(self, daemon: Any, host: str, port: int, backlog: int = 1024, timeout: float = 10.0,
-                 max_connections: int = 64):
+                 max_connections: int = 64, ssl_context: ssl.SSLContext | None = None):
         # The handler's `timeout` is set on each connection's socket: an idle or silent client (and
         # each write to a client that does not read) gives up after that long.
         handler = type("Handler", (_Handler,), {"daemon": daemon, "timeout": timeout})
-        self._srv = _Server((host, port), handler, backlog, timeout, max_connections)
+        auth = getattr(daemon, "auth", None)
+        failed = (lambda: auth.count("http", "tls_handshake")) if auth is not None else None
+        self._srv = _Server((host, port), handler, backlog, timeout, max_connections, ssl_context, failed)
         self.port = self._srv.server_address[1]
         # A short poll keeps close() quick; serve_forever's default 0.5 s wait is pure shutdown latency.
         self._thread = threading.Thread(target=self._srv.serve_forever, kwargs={"poll_interval": 0.05},

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Iterator
 
 import grpc
 
 from monitor import wire
+from monitor.daemon.auth import Auth, Principal, Refused
 from monitor.daemon.ingest import BULK_BYTES, BULK_RECORDS, Ingest
 from monitor.daemon.limits import (
     GRPC_PUSHBACK_KEY,
@@ -23,6 +25,17 @@ from monitor.daemon.store import StoreError
 log = logging.getLogger("trainguard.server")
 
 
+def _ends_soon(context: Any, wait: float = 0.2) -> bool:
+    """Whether the call ends within `wait` seconds without an answer from us (a client that sent no
+    message and waits for one stays active)."""
+    deadline = time.monotonic() + wait
+    while context.is_active():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 class TelemetryServicer:
     """Implements trainguard.v1.Telemetry/Report over raw bytes, so that a batch that is not even a
     valid protobuf still gets a clear INVALID_ARGUMENT instead of grpc's generic deserialization error.
@@ -33,16 +46,32 @@ class TelemetryServicer:
     from its request iterator, so that it can be counted.
     """
 
-    def __init__(self, ingest: Ingest, limits: Limits | None = None):
+    def __init__(self, ingest: Ingest, limits: Limits | None = None, auth: Auth | None = None):
         self.ingest = ingest
         self.limits = limits or ingest.limits
+        self.auth = auth or Auth(None)
         self.rate = RateLimiter(self.limits.rate_limit_records_per_second, self.limits.rate_limit_burst_records)
 
     def report_stream(self, requests: Iterator[bytes], context: Any) -> bytes:
-        """Handle one Report call: read its one message, then as report()."""
+        """Handle one Report call: check its token, read its one message, then as report()."""
+        principal = None
+        if self.auth.enabled:
+            # Before the message is read or decoded: a caller without a token costs no more than this.
+            header = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
+            try:
+                principal = self.auth.authenticate(header if isinstance(header, str) else None, "grpc")
+            except Refused as e:
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, e.message)
+                raise
         try:
             request = next(requests)
         except StopIteration:
+            if _ends_soon(context):
+                # gRPC refused a message over its ceiling and is ending the call (RESOURCE_EXHAUSTED);
+                # the iterator may see that as the end of the stream rather than as an error.
+                self.ingest.count_batch_refused("batch", "max_message_bytes")
+                raise
+            self.ingest.count_batch_refused("batch", None)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "batch: the call carried no message")
             raise
         except grpc.RpcError:
@@ -53,10 +82,10 @@ class TelemetryServicer:
             if remaining is None or remaining > 0:
                 self.ingest.count_batch_refused("batch", "max_message_bytes")
             raise
-        return self.report(request, context)
+        return self.report(request, context, principal)
 
-    def report(self, request: bytes, context: Any) -> bytes:
-        """Handle one Report call."""
+    def report(self, request: bytes, context: Any, principal: Principal | None = None) -> bytes:
+        """Handle one Report call (from a caller with this principal; None when authentication is off)."""
         limits = self.limits
         try:
             if len(request) > limits.max_message_bytes:
@@ -77,6 +106,12 @@ class TelemetryServicer:
             self.ingest.count_batch_refused(e.field, limit)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{e.field}: {e.reason}")
             raise  # abort raises; this keeps type checkers happy
+        if principal is not None:
+            try:
+                self.auth.require(principal, batch.run, True, "grpc")
+            except Refused as e:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, e.message)
+                raise
         wait_ms = self.rate.take((peer_host(context.peer() or ""), batch.run), batch.total)
         if wait_ms:
             self._too_much(context, LimitExceeded(

@@ -17,7 +17,7 @@ from monitor.daemon.app import ConfigError, DaemonConfig
 from monitor.daemon.limits import RETRY_AFTER_KEY, Limits, RateLimiter, peer_host
 from monitor.records import Record
 from tests.daemon.clients import T0, Client, batch, train
-from tests.helpers import http_json, metrics, sample
+from tests.helpers import http_json, metrics, sample, wait_for
 
 
 def by_limit(d: Any) -> dict[str, float]:
@@ -88,9 +88,21 @@ def test_message_size_is_refused_naming_the_limit_and_counted_even_when_grpc_ref
     far = c.error(b"\x0a\x01r" + b"\x00" * 200_000)  # over gRPC's ceiling: gRPC answers, the servicer counts
     assert far.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert c.send(batch("after", [train("after", 1)])).accepted == 1
-    time.sleep(0.1)  # the refused call's handler may still be on its way out
-    assert by_limit(d) == {"max_message_bytes": 2}
+    # The refused call's handler may still be on its way out.
+    wait_for(lambda: by_limit(d) == {"max_message_bytes": 2}, timeout=5, what=f"two refusals, not {by_limit(d)}")
     assert sample(metrics(d), "trainguard_ingest_rejected_batches_total", field="batch") == 2
+
+
+def test_a_call_with_no_message_is_refused_and_counted_apart_from_the_size_limit(daemon: Any) -> None:
+    # Only a hand-made streaming client can send no message at all; it is told so, not left waiting.
+    with grpc.insecure_channel(daemon.grpc_address) as ch:
+        call = ch.stream_unary(wire.REPORT_METHOD)
+        with pytest.raises(grpc.RpcError) as e:
+            call(iter(()), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details() == "batch: the call carried no message"
+    assert by_limit(daemon) == {}
+    assert sample(metrics(daemon), "trainguard_ingest_rejected_batches_total", field="batch") == 1
 
 
 def test_records_per_batch_counts_block_records_and_refuses_the_batch(daemon_factory: Any, client_of: Any) -> None:
