@@ -18,13 +18,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/trainguard demo
 
-# The alerting tests run real Prometheus and Alertmanager processes (Debian packages).
+# The alerting tests run real Prometheus and Alertmanager processes (Debian packages); the TLS tests make their
+# certificates with the openssl command.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 system-deps:
-	@command -v prometheus >/dev/null && command -v prometheus-alertmanager >/dev/null || { \
-	  echo "installing prometheus and prometheus-alertmanager (Debian packages) for the tests"; \
+	@command -v prometheus >/dev/null && command -v prometheus-alertmanager >/dev/null && command -v openssl >/dev/null || { \
+	  echo "installing prometheus, prometheus-alertmanager and openssl (Debian packages) for the tests"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
-	    --no-install-recommends prometheus prometheus-alertmanager; }
+	    --no-install-recommends prometheus prometheus-alertmanager openssl; }
 
 ## make test: the whole suite (starts its own daemons, Prometheus and Alertmanager on free ports)
 test: $(STAMP) system-deps

@@ -7,6 +7,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 from monitor.client.reporter import Reporter  # noqa: E402
+from monitor.client.security import ClientSecurity  # noqa: E402
 from monitor.records import Record  # noqa: E402
 
 
@@ -25,4 +26,4 @@ def watch(model: Any = None, optimizer: Any = None, **kwargs: Any) -> Any:
     return _watch(model, optimizer, **kwargs)
 
 
-__all__ = ["Record", "Reporter", "__version__", "watch"]
+__all__ = ["ClientSecurity", "Record", "Reporter", "__version__", "watch"]

@@ -17,7 +17,7 @@ from monitor.daemon.app import ConfigError, DaemonConfig
 from monitor.daemon.limits import RETRY_AFTER_KEY, Limits, RateLimiter, peer_host
 from monitor.records import Record
 from tests.daemon.clients import T0, Client, batch, train
-from tests.helpers import http_json, metrics, sample, wait_for
+from tests.helpers import ROOT, http_json, metrics, sample, wait_for
 
 
 def by_limit(d: Any) -> dict[str, float]:
@@ -376,3 +376,11 @@ def test_restart_respects_the_limits(daemon_factory: Any, tmp_path: Path) -> Non
     stored = {r["run"] for r in again.store.load_runs()}
     assert stored == {"run-3", "run-4", "wide"}  # the others are marked expired, not lost
     assert {r["run"] for r in again.store.load_runs(include_expired=True)} >= {"run-0", "run-1", "run-2"}
+
+
+def test_docs_name_every_limit_and_its_default() -> None:
+    doc = (ROOT / "docs" / "limits.md").read_text()
+    for name in Limits.names():
+        assert f"`{name}`" in doc, name
+        default = getattr(Limits, name)
+        assert (f"{default:g}" if isinstance(default, float) else str(default)) in doc, (name, default)

@@ -394,3 +394,13 @@ def test_tokens_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyP
         assert sample(metrics(d), "trainguard_auth_refused_total", listener="grpc", reason="missing_token") == 1
     finally:
         d.close(timeout=1.0)
+
+
+def test_security_md_names_every_refusal_reason_and_setting() -> None:
+    from monitor.daemon.auth import REASONS
+
+    doc = (ROOT / "SECURITY.md").read_text()
+    assert [r for r in REASONS if f"`{r}`" not in doc] == []
+    for setting in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_tokens_file", "metrics_open",
+                    "healthz_open", "--insecure", "TRAINGUARD_TOKEN", "TRAINGUARD_TLS_CA", "TRAINGUARD_AUTH_TOKENS"):
+        assert setting in doc, setting
