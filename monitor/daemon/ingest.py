@@ -122,9 +122,7 @@ class Ingest:
                     st.set_detectors(build_detectors(self.detector_config))
                 # A run can have stored batches but no saved summary (a crash before the first
                 # save): the stored sequence numbers still tell a resend from new data.
-                for key, seq in self.store.max_sequences(run).items():
-                    if seq > st.seqs.get(key, 0):
-                        st.seqs[key] = seq
+                st.seqs.update(self.store.max_sequences(run))
             if persist_new:
                 # Queued before the run's first batch on the one writer thread, so a crash at any
                 # moment after that batch is acknowledged still finds the run to restore.
@@ -161,6 +159,9 @@ class Ingest:
         key = (batch.rank, batch.incarnation)
         pkey = (batch.run, batch.rank, batch.incarnation)
         with st.lock:
+            if key not in st.seqs:
+                # A sender not seen lately (or ever): the store has the last batch it committed, if any.
+                st.seqs.set(key, self.store.max_sequence(batch.run, batch.rank, batch.incarnation))
             if batch.sequence <= st.seqs.get(key, 0):
                 with self._counts:
                     self.duplicates += 1
@@ -211,7 +212,7 @@ class Ingest:
             with st.lock:
                 with self._lock:
                     self._pending.pop(pkey, None)
-                st.seqs[key] = max(st.seqs.get(key, 0), batch.sequence)
+                st.seqs.set(key, batch.sequence)
                 findings = self._apply(st, batch.parts, detect=True)
         with self._counts:
             self.batches += 1

@@ -7,6 +7,7 @@ daemon's own clock.
 
 from __future__ import annotations
 
+import collections
 import math
 import threading
 import time
@@ -297,6 +298,50 @@ class RankState:
         return sum(tok.values()[-k:]) / tsum if tsum > 0 else None
 
 
+# Incarnations (sender processes) remembered per rank: a restarted rank is a new incarnation, and an old one
+# only resends from a spill file another process adopted. Forgotten ones are looked up in the store.
+INCARNATIONS_PER_RANK = 64
+
+
+class SenderSeqs:
+    """The last applied batch sequence of each sender (rank, incarnation), bounded per rank.
+
+    A client sending under ever new incarnations grew this without bound; past INCARNATIONS_PER_RANK the
+    one applied least recently is forgotten (the store still knows it: see Ingest.last_sequence).
+    """
+
+    def __init__(self, per_rank: int = INCARNATIONS_PER_RANK):
+        self.per_rank = per_rank
+        self._by_rank: dict[int, collections.OrderedDict[str, int]] = {}
+
+    def __contains__(self, key: tuple[int, str]) -> bool:
+        d = self._by_rank.get(key[0])
+        return d is not None and key[1] in d
+
+    def get(self, key: tuple[int, str], default: int = 0) -> int:
+        d = self._by_rank.get(key[0])
+        return d.get(key[1], default) if d is not None else default
+
+    def set(self, key: tuple[int, str], seq: int) -> None:
+        """Record `seq` for the sender if it is newer; the sender becomes the most recent of its rank."""
+        d = self._by_rank.setdefault(key[0], collections.OrderedDict())
+        if key[1] not in d or seq > d[key[1]]:
+            d[key[1]] = seq
+        d.move_to_end(key[1])
+        while len(d) > self.per_rank:
+            d.popitem(last=False)
+
+    def update(self, seqs: dict[tuple[int, str], int]) -> None:
+        for key, seq in seqs.items():
+            self.set(key, seq)
+
+    def items(self) -> list[tuple[tuple[int, str], int]]:
+        return [((rank, inc), seq) for rank, d in self._by_rank.items() for inc, seq in d.items()]
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self._by_rank.values())
+
+
 class RunState:
     """One run: its ranks, its event-time clock, its detectors and its bookkeeping."""
 
@@ -312,7 +357,7 @@ class RunState:
         self.created = time.time()
         self.last_recv = time.monotonic()
         self.records = 0
-        self.seqs: dict[tuple[int, str], int] = {}  # (rank, incarnation) -> last applied batch
+        self.seqs = SenderSeqs()  # (rank, incarnation) -> last applied batch
         self.detectors: list[Any] = []
         # record kind -> (detectors reading every rank, those plus the ones reading the lead rank)
         self.dispatch: dict[str, tuple[list[Any], list[Any]]] = {}

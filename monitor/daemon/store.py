@@ -547,10 +547,17 @@ class Store:
             yield bid, rank, inc, seq, zlib.decompress(blob)
 
     def max_sequences(self, run: str) -> dict[tuple[int, str], int]:
-        """The last stored batch of each sender (rank, incarnation) of a run."""
+        """The last stored batch of each sender (rank, incarnation) of a run, the least recent sender first."""
         rows = self._reader().execute(
-            "SELECT rank, incarnation, MAX(seq) FROM batches WHERE run = ? GROUP BY rank, incarnation", (run,))
+            "SELECT rank, incarnation, MAX(seq) FROM batches WHERE run = ? GROUP BY rank, incarnation ORDER BY MAX(id)",
+            (run,))
         return {(r, i): s for r, i, s in rows}
+
+    def max_sequence(self, run: str, rank: int, incarnation: str) -> int:
+        """The last stored batch of one sender (0 if none)."""
+        row = self._reader().execute("SELECT MAX(seq) FROM batches WHERE run = ? AND rank = ? AND incarnation = ?",
+                                     (run, rank, incarnation)).fetchone()
+        return int(row[0] or 0)
 
     def count_records(self, run: str | None = None) -> int:
         """How many records the stored batches hold."""

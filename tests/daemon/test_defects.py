@@ -254,3 +254,30 @@ def test_oversized_meta_is_refused_naming_the_limit(daemon: Any) -> None:
     finally:
         c.close()
     assert resp.accepted == 1 and "the limit is 65536" in resp.rejections[0].reason
+
+
+# -- a sender table that grew with every new incarnation ---------------------------------------------
+
+
+def test_fresh_incarnations_are_remembered_within_a_bound_and_a_forgotten_one_is_still_a_resend(
+        daemon: Any) -> None:
+    from monitor.daemon.state import INCARNATIONS_PER_RANK
+
+    c = Client(daemon.grpc_address)
+    try:
+        n = INCARNATIONS_PER_RANK + 40
+        for i in range(n):
+            resp = c.send(batch("incs", [train("incs", i + 1)], inc=f"inc-{i}", seq=1))
+            assert resp.accepted == 1 and not resp.duplicate
+        st = daemon.registry.get("incs")
+        assert len(st.seqs) == INCARNATIONS_PER_RANK
+        assert len(daemon.ingest.snapshot_run(st)["detector_state"]["seqs"]) == INCARNATIONS_PER_RANK
+        # inc-0 was forgotten first; its resend (say from a spill file another process adopted) is
+        # recognised from the store, applied nowhere, stored once.
+        assert ((0, "inc-0") in st.seqs) is False
+        again = c.send(batch("incs", [train("incs", 1)], inc="inc-0", seq=1))
+        assert again.duplicate
+        assert c.send(batch("incs", [train("incs", n + 1)], inc="inc-0", seq=2)).accepted == 1
+    finally:
+        c.close()
+    assert http_json(daemon.http_url + "/api/v1/runs/incs")["records"] == n + 1
