@@ -13,6 +13,7 @@ The token is sent as `authorization: Bearer ...` on every call and never written
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import ssl
 from dataclasses import dataclass, field
@@ -93,6 +94,9 @@ class ClientSecurity:
         import grpc
 
         creds = self.grpc_credentials()
+        if self.token and creds is None and not _local(address):
+            _warn_once(f"trainguard: sending a bearer token to {address} without TLS; set TRAINGUARD_TLS_CA (or "
+                       "TRAINGUARD_TLS=1) so it does not cross the network in the clear")
         ch = grpc.secure_channel(address, creds, options=options) if creds is not None else \
             grpc.insecure_channel(address, options=options)
         if self.token:
@@ -112,6 +116,21 @@ class ClientSecurity:
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        logging.getLogger("trainguard.client").warning("%s", msg)
+
+
+def _local(address: str) -> bool:
+    """Whether a host:port (or [v6]:port) names this machine."""
+    host = address.rsplit(":", 1)[0].strip("[]").lower() if ":" in address else address.lower()
+    return host in ("localhost", "::1") or host.startswith("127.") or host.startswith("unix")
 
 
 def _read(path: str | None) -> bytes | None:

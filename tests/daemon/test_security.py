@@ -404,3 +404,12 @@ def test_security_md_names_every_refusal_reason_and_setting() -> None:
     for setting in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_tokens_file", "metrics_open",
                     "healthz_open", "--insecure", "TRAINGUARD_TOKEN", "TRAINGUARD_TLS_CA", "TRAINGUARD_AUTH_TOKENS"):
         assert setting in doc, setting
+
+
+def test_a_token_over_plaintext_to_another_machine_is_warned_about_once(caplog: pytest.LogCaptureFixture) -> None:
+    sec = ClientSecurity.resolve(token=WRITER_A)
+    caplog.set_level(logging.WARNING, "trainguard.client")
+    for address in ("127.0.0.1:9751", "localhost:9751", "10.9.8.7:9751", "10.9.8.7:9751"):
+        sec.channel(address, []).close()
+    warnings = [r.getMessage() for r in caplog.records if "without TLS" in r.getMessage()]
+    assert len(warnings) == 1 and "10.9.8.7:9751" in warnings[0] and WRITER_A not in warnings[0]
