@@ -44,9 +44,9 @@ KUBE_VERSION = "1.30.0"
 KUBERNETES_VALIDATE = Path(sys.executable).parent / "kubernetes-validate"
 RELEASE, NAMESPACE = "trainguard", "ml"
 CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule"}
-# [daemon] keys the chart writes itself; the first four need a daemon version that reads them.
-FUTURE_KEYS = {"tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_tokens_file"}
-CHART_MANAGED = {"host", "grpc_port", "http_port", "db"} | FUTURE_KEYS
+# [daemon] keys the chart sets itself (in the ConfigMap, or as serve flags).
+CHART_MANAGED = {"host", "grpc_port", "http_port", "db", "tls_cert_file", "tls_key_file", "tls_client_ca_file",
+                 "auth_tokens_file", "insecure"}
 
 # A small dashboard and rule file in the formats the chart's dashboards/ and rules/ hold, so that the templates
 # that turn them into objects are tested whatever those folders hold at the moment.
@@ -295,14 +295,8 @@ def expected_config(values: dict[str, Any], fullname: str = RELEASE) -> dict[str
 
 
 def load_in_daemon(cfg: dict[str, Any]) -> DaemonConfig:
-    """The daemon's own loader on the rendered config, less the settings this daemon does not know yet."""
-    known = {f.name for f in dataclasses.fields(DaemonConfig)}
-    cfg = copy.deepcopy(cfg)
-    unknown = set(cfg["daemon"]) - known
-    assert unknown <= FUTURE_KEYS, f"the chart writes settings the daemon refuses: {unknown - FUTURE_KEYS}"
-    for k in unknown:
-        del cfg["daemon"][k]
-    return DaemonConfig.from_mapping(cfg, "rendered config").validate()
+    """The daemon's own loader on the rendered config: every key the chart writes is one the daemon knows."""
+    return DaemonConfig.from_mapping(copy.deepcopy(cfg), "rendered config").validate()
 
 
 def test_default_config_is_what_the_daemon_reads() -> None:
@@ -424,6 +418,8 @@ def test_command_line_is_one_the_cli_accepts(values_name: str, all_values: dict[
     args = build_parser().parse_args(c["args"])  # exits (SystemExit) on a flag serve does not have
     assert args.command == "serve"
     assert args.host == "0.0.0.0"
+    # Every interface: without tokens or mutual TLS the daemon refuses to start unless told --insecure.
+    assert args.insecure is (True if values_name == "default" else None)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert (args.grpc_port, args.http_port) == (ports["grpc"], ports["http"]) == (9751, 9750)
     # --config names the ConfigMap's key where the config volume is mounted.
@@ -511,7 +507,8 @@ def test_persistence_options() -> None:
     assert sts(VARIANTS["no-storage-class"])["volumeClaimTemplates"][0]["spec"]["storageClassName"] == ""
     assert sts({"persistence": {"storageClass": "fast", "size": "1Ti"}})["volumeClaimTemplates"][0]["spec"] == {
         "accessModes": ["ReadWriteOnce"], "storageClassName": "fast", "resources": {"requests": {"storage": "1Ti"}}}
-    assert "WARNING" not in notes({}) and "WARNING" in notes(VARIANTS["no-persistence"])
+    assert "persistence.enabled is false" not in notes({}) and "persistence.enabled is false" in notes(
+        VARIANTS["no-persistence"])
 
 
 def test_service_names_its_ports_after_the_containers(all_values: dict[str, Any]) -> None:
@@ -598,9 +595,14 @@ def test_service_monitor_scrapes_the_service(all_values: dict[str, Any]) -> None
     assert (ep["interval"], ep["scrapeTimeout"], ep["honorLabels"]) == ("15s", "10s", True)
     assert ep["relabelings"] == all_values["serviceMonitor"]["relabelings"]
     assert ep["metricRelabelings"] == all_values["serviceMonitor"]["metricRelabelings"]
+    # The daemon speaks TLS with every option on: the scrape does too, trusting and authenticating as told.
+    assert ep["scheme"] == "https"
+    assert ep["tlsConfig"] == all_values["serviceMonitor"]["tlsConfig"]
+    assert ep["authorization"] == all_values["serviceMonitor"]["authorization"]
     assert set(ep) <= {"port", "path", "scheme", "interval", "scrapeTimeout", "honorLabels", "relabelings",
-                       "metricRelabelings"}
+                       "metricRelabelings", "tlsConfig", "authorization"}
     plain = one(render({"serviceMonitor": {"enabled": True}}), "ServiceMonitor")
+    assert plain["spec"]["endpoints"][0]["scheme"] == "http" and "tlsConfig" not in plain["spec"]["endpoints"][0]
     assert plain["metadata"]["namespace"] == NAMESPACE and "release" not in plain["metadata"]["labels"]
     assert "serviceMonitor.labels.release" in notes({"serviceMonitor": {"enabled": True}})
     assert "serviceMonitor.labels.release" not in notes(all_values)
@@ -676,6 +678,18 @@ def test_notes_give_the_address_the_client_reads(monkeypatch: pytest.MonkeyPatch
     assert f"port-forward svc/{RELEASE} 9750:9750" in text
     assert "/metrics" in text and "/api/v1/alerts" in text
     assert "config.daemon.alertmanager_urls" in text
+
+
+def test_notes_say_what_a_job_needs_to_authenticate(all_values: dict[str, Any]) -> None:
+    plain = notes()
+    assert "WARNING: no client authentication" in plain and "--insecure" in plain
+    secured = notes(all_values)
+    assert "WARNING: no client authentication" not in secured
+    # The variables NOTES names are the ones the client reads.
+    for var in ("TRAINGUARD_TOKEN", "TRAINGUARD_TLS_CA", "TRAINGUARD_TLS_CERT", "TRAINGUARD_TLS_KEY"):
+        assert var in secured
+        assert var in (ROOT / "monitor" / "client" / "security.py").read_text()
+    assert "https://127.0.0.1:" in secured and "http://127.0.0.1:" not in secured
 
 
 # Passed through to Kubernetes (or, for config, to the daemon) whole; their docs are Kubernetes' and the daemon's.
