@@ -283,26 +283,23 @@ def test_every_metric_a_dashboard_reads_exists(stack: Stack, dashboards: dict[st
 def test_ranks_dashboard_singles_out_the_slow_rank(stack: Stack) -> None:
     # The question the Ranks dashboard answers, asked of the live job: which rank is slow?
     run = f'run="{LIVE_RUN}"'
-
-    def slowest() -> list[dict[str, Any]]:
-        return stack.prom.query(f"topk(1, trainguard_compute_duration_seconds{{{run}}})")["data"]["result"]
-
     deadline = time.monotonic() + QUERY_TIMEOUT
-    while not slowest() and time.monotonic() < deadline:
-        time.sleep(SCRAPE_SECONDS)
-    top = slowest()
+
+    def eventually(expr: str) -> list[dict[str, Any]]:
+        """The result of `expr` once it has one: a scrape, a recording rule's evaluation or a client's
+        heartbeat may not have come yet, each on its own interval."""
+        while True:
+            result = stack.prom.query(expr)["data"]["result"]
+            if result or time.monotonic() > deadline:
+                return result
+            time.sleep(SCRAPE_SECONDS)
+
+    top = eventually(f"topk(1, trainguard_compute_duration_seconds{{{run}}})")
     assert [r["metric"]["rank"] for r in top] == [str(SLOW_RANK)]
-
-    def ratio() -> list[dict[str, Any]]:
-        return stack.prom.query(f"run:trainguard_compute_duration_seconds:max{{{run}}} "
-                                f"/ run:trainguard_compute_duration_seconds:median{{{run}}}")["data"]["result"]
-
-    # Recording rules run on their own interval: the first evaluation may come after the first scrape.
-    while not ratio() and time.monotonic() < deadline:
-        time.sleep(SCRAPE_SECONDS)
-    r = ratio()
+    r = eventually(f"run:trainguard_compute_duration_seconds:max{{{run}}} "
+                   f"/ run:trainguard_compute_duration_seconds:median{{{run}}}")
     assert r and float(r[0]["value"][1]) > 2.5
     # ... and the lossy client's drops reach Prometheus, as the Daemon dashboard shows them.
-    drops = stack.prom.query(f'trainguard_client_dropped_records_total{{run="{LOSSY_RUN}"}}')["data"]["result"]
+    drops = eventually(f'trainguard_client_dropped_records_total{{run="{LOSSY_RUN}"}} > 0')
     assert drops and float(drops[0]["value"][1]) > 0
 
