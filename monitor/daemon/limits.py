@@ -149,7 +149,8 @@ class RateLimiter:
     The peer's host is the one identity a client cannot choose (the port changes with each
     connection); the run splits a host's budget between the jobs on it, so one job's flood does not
     throttle another's. A host that floods under many run ids meets max_live_runs. Buckets that
-    have refilled are forgotten: a fresh bucket starts full, the same thing.
+    have refilled are forgotten: a fresh bucket starts full, the same thing. They are swept once per
+    refill time, so a client inventing run ids (each refused by max_live_runs) leaves no trail.
     """
 
     def __init__(self, rate: float, burst: int, max_buckets: int = 100_000):
@@ -158,6 +159,7 @@ class RateLimiter:
         self.max_buckets = max_buckets
         self._buckets: dict[tuple[str, str], list[float]] = {}  # key -> [tokens, monotonic time]
         self._lock = threading.Lock()
+        self._swept: float | None = None
 
     @property
     def enabled(self) -> bool:
@@ -171,6 +173,10 @@ class RateLimiter:
         now = time.monotonic() if now is None else now
         cost = min(float(max(cost, 1)), self.burst)
         with self._lock:
+            if self._swept is None:
+                self._swept = now
+            elif now - self._swept >= max(1.0, self.burst / self.rate):
+                self._forget(now)
             b = self._buckets.get(key)
             if b is None:
                 if len(self._buckets) >= self.max_buckets:
@@ -184,9 +190,13 @@ class RateLimiter:
                 return 0
             return max(1, math.ceil((cost - b[0]) / self.rate * 1000.0))
 
+    def __len__(self) -> int:
+        return len(self._buckets)
+
     def _forget(self, now: float) -> None:
         """Drop buckets that have refilled; if that is not enough, the oldest half (caller holds the lock)."""
         full_after = self.burst / self.rate
+        self._swept = now
         self._buckets = {k: b for k, b in self._buckets.items() if now - b[1] < full_after}
         if len(self._buckets) >= self.max_buckets:
             keep = sorted(self._buckets.items(), key=lambda kv: kv[1][1])[len(self._buckets) // 2:]

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 log = logging.getLogger("trainguard.store")
+READER_CACHE_KIB = 256  # page cache of each reader connection
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -189,6 +190,10 @@ class Store:
         if conn is None:
             conn = self._local.conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
             conn.execute("PRAGMA query_only=1")
+            # One reader per gRPC and HTTP thread (up to a hundred or more): with SQLite's default 2 MiB
+            # page cache each, lookups spread over the threads grew the daemon by tens of MB over a
+            # soak. Readers seek by index; the OS page cache serves what they miss.
+            conn.execute(f"PRAGMA cache_size=-{READER_CACHE_KIB}")
         return conn
 
     # -- lifecycle -------------------------------------------------------------------------------

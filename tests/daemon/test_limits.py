@@ -304,6 +304,14 @@ def test_rate_limiter_buckets() -> None:
     for i in range(10):  # buckets are bounded
         rl.take(("h", str(i)), 1, now=20.0 + i)
     assert len(rl._buckets) <= 4
+    # Buckets that refilled are swept once per refill time (2 s here), not only when the bound is reached:
+    # a client inventing a run id per call leaves no trail.
+    rl = RateLimiter(rate=100, burst=200)
+    for i in range(1000):
+        rl.take(("h", f"junk-{i}"), 1, now=100.0 + i * 0.001)
+    assert len(rl) == 1000
+    rl.take(("h", "later"), 1, now=103.5)
+    assert len(rl) == 1
     assert RateLimiter(0, 1).take(("h", "r"), 10 ** 9) == 0
     assert peer_host("ipv4:10.1.2.3:5678") == "10.1.2.3"
     assert peer_host("ipv6:[::1]:5678") == "::1"
