@@ -7,9 +7,7 @@ import random
 from typing import Any
 
 import pytest
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+import torch
 
 
 def char_gpt(dropout: float = 0.1, seed: int = 0) -> Any:

@@ -7,11 +7,10 @@ import random
 from typing import Any
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from probes import Drift, PairwiseJudge, Probe, ProbeSet  # noqa: E402
-from probes.builtin import builtin  # noqa: E402
+from probes import Drift, PairwiseJudge, Probe, ProbeSet
+from probes.builtin import builtin
 from probes.probe import Scheduled, check_probes  # noqa: E402
 from probes.runner import CausalLMAdapter, merge, probing, run_suite, series, shard, unwrap  # noqa: E402
 from tests.probes.conftest import char_gpt, train_steps  # noqa: E402
