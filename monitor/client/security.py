@@ -24,7 +24,7 @@ _ON = ("1", "true", "yes", "on")
 
 @dataclass(frozen=True)
 class ClientSecurity:
-    """A token and TLS settings; `describe()` is safe to log (it never shows the token)."""
+    """A token and TLS settings (the token is left out of repr, so the object is safe to log)."""
 
     token: str | None = field(default=None, repr=False)
     ca_file: str | None = None
@@ -68,12 +68,6 @@ class ClientSecurity:
                 raise ValueError(f"{name}: no such file: {path}")
         return cls(token, ca_file, cert_file, key_file, tls)
 
-    def describe(self) -> str:
-        """What is in use, for messages (never the token)."""
-        parts = ["TLS" + (" (mutual)" if self.cert_file else "") if self.tls else "plaintext"]
-        parts.append("a bearer token" if self.token else "no token")
-        return ", ".join(parts)
-
     # -- gRPC ----------------------------------------------------------------------------------------
 
     def grpc_credentials(self) -> Any:
@@ -107,7 +101,7 @@ class ClientSecurity:
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """For https:// URLs: trusts ca_file (else the system's CAs) and presents the client certificate."""
-        if not (self.tls or self.ca_file):
+        if not self.tls:  # resolve() turns TLS on with a CA or a client certificate
             return None
         ctx = ssl.create_default_context(cafile=self.ca_file)
         if self.cert_file:

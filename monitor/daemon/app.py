@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from monitor import wire
 from monitor.daemon.alerts import DEFAULT_RUNBOOK_URL, Alert, AlertManager, AlertRules, Silences, check_runbook_url
-from monitor.daemon.auth import Auth, AuthConfigError, TlsFiles, Tokens, check_exposure, is_loopback
+from monitor.daemon.auth import Auth, AuthConfigError, TlsFiles, Tokens, exposure
 from monitor.daemon.collector import DaemonCollector
 from monitor.daemon.detectors import ALERT_SEVERITIES, check_config
 from monitor.daemon.http import HttpServer, make_registry
@@ -237,10 +237,10 @@ class Daemon:
         except AuthConfigError as e:
             raise ConfigError(str(e)) from None
         mutual = self.tls is not None and self.tls.client_ca is not None
-        problem = check_exposure(config.host, tokens is not None or mutual, config.insecure)
-        if problem:
+        problem = exposure(config.host, tokens is not None or mutual)
+        if problem and not config.insecure:
             raise ConfigError(problem)
-        if config.insecure and not is_loopback(config.host) and tokens is None and not mutual:
+        if problem:
             log.warning("listening on %s with no client authentication (--insecure): anyone who can reach the "
                         "ports can write into and read every run", config.host or "every interface")
         self.auth = Auth(tokens, metrics_open=config.metrics_open, healthz_open=config.healthz_open)

@@ -52,9 +52,6 @@ class Principal:
     def can_read(self, run: str) -> bool:
         return any(run.startswith(p) for p in self.prefixes)
 
-    def can_write(self, run: str) -> bool:
-        return self.role == "write" and self.can_read(run)
-
     @property
     def every_run(self) -> bool:
         """Whether it covers every run ("*" silences, unfiltered /metrics)."""
@@ -74,9 +71,6 @@ class Tokens:
 
     def __init__(self, by_digest: Mapping[bytes, Principal]):
         self._by_digest = dict(by_digest)
-
-    def __len__(self) -> int:
-        return len(self._by_digest)
 
     def lookup(self, token: str) -> Principal | None:
         return self._by_digest.get(digest(token))
@@ -332,9 +326,10 @@ def is_loopback(host: str) -> bool:
     return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
 
 
-def check_exposure(host: str, authenticated: bool, insecure: bool) -> str | None:
-    """The refusal for listening on `host` as configured, or None; `insecure` overrides it."""
-    if authenticated or is_loopback(host) or insecure:
+def exposure(host: str, authenticated: bool) -> str | None:
+    """What is wrong with listening on `host` (None if nothing): others can reach it and no one is
+    authenticated. The daemon refuses it unless told --insecure, and then warns."""
+    if authenticated or is_loopback(host):
         return None
     return (f"host: {host or '(every interface)'} can be reached from other machines, and no client is "
             "authenticated (set auth_tokens_file or $TRAINGUARD_AUTH_TOKENS, or tls_client_ca_file for mutual "
